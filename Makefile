@@ -1,0 +1,25 @@
+# Set-up commands (each works alone on a fresh machine):
+#   make train   install the tool with the offline demo packages, then train the demo
+#   make test    install the tool with the test dependencies, then run the whole test suite
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-dev train test test-fast clean
+
+install:
+	$(PIP) install -e ".[demo]"
+
+install-dev:
+	$(PIP) install -e ".[demo,dev]"
+
+train: install
+	$(PYTHON) -m transfer_cli train
+
+test: install-dev
+	$(PYTHON) -m pytest -q
+
+test-fast: install-dev
+	$(PYTHON) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf outputs multirun .pytest_cache build *.egg-info

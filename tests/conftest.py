@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny, clearly separable image data sets written to pytest's tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Class k's look: 0 dark noise, 1 bright noise, then strongly coloured noise, so a few SGD steps on a tiny
+# model (or a linear probe on random features) separate them.
+_TINTS = [(30, 30, 30), (225, 225, 225), (220, 40, 40), (40, 200, 40), (40, 60, 220), (220, 200, 40)]
+
+
+def class_image(k: int, size: int, rng: np.random.Generator) -> Image.Image:
+    base = np.array(_TINTS[k % len(_TINTS)], dtype=np.int16)
+    noise = rng.integers(-25, 26, size=(size, size, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def write_class_images(folder: Path, k: int, n: int, size: int, rng: np.random.Generator, prefix: str = "img"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        class_image(k, size, rng).save(folder / f"{prefix}{i:03d}.png")
+
+
+def _make_image_folder(
+    root: Path,
+    classes: Sequence[str] = ("cat", "dog"),
+    per_class: int = 8,
+    size: int = 32,
+    layout: str = "split",
+    bad: int = 0,
+) -> Path:
+    """layout="split": root/train/<class>/ (per_class images) and root/val/<class>/ (per_class // 2, >= 1);
+    layout="flat": root/<class>/ (per_class images). `bad` files of garbage bytes named *.png go into the
+    first class's (train) folder. Returns root."""
+    root = Path(root)
+    rng = np.random.default_rng(1234)
+    if layout == "split":
+        for k, c in enumerate(classes):
+            write_class_images(root / "train" / c, k, per_class, size, rng)
+            write_class_images(root / "val" / c, k, max(1, per_class // 2), size, rng)
+        bad_dir = root / "train" / classes[0]
+    elif layout == "flat":
+        for k, c in enumerate(classes):
+            write_class_images(root / c, k, per_class, size, rng)
+        bad_dir = root / classes[0]
+    else:
+        raise ValueError(f"layout must be split or flat, got {layout!r}")
+    for i in range(bad):
+        (bad_dir / f"corrupt{i:03d}.png").write_bytes(b"this is not an image " * (i + 1))
+    return root
+
+
+@pytest.fixture
+def make_image_folder():
+    """Factory: make_image_folder(root, classes=("cat", "dog"), per_class=8, size=32, layout="split", bad=0)."""
+    return _make_image_folder
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path) -> Path:
+    """root/{train,val}/{cat,dog}/*.png: 8 train and 4 val images per class, 32x32."""
+    return _make_image_folder(tmp_path / "tiny")

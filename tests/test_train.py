@@ -1,0 +1,137 @@
+"""Real Lightning runs of `train(cfg)` on tiny data: what trains, what stays frozen, what lands on disk."""
+
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+from transfer_cli.config.compose import compose
+from transfer_cli.errors import TransferError
+from transfer_cli.train import train
+from transfer_cli.training.optim import lr_factor
+
+BACKBONE = "test_efficientnet"  # timm's tiny test model: BatchNorm everywhere, ~0.2 M parameters
+
+
+def tiny_cfg(tmp_path, root, *overrides):
+    return compose([
+        "~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={BACKBONE}",
+        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=2", "data.batch_size=4",
+        "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
+        "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'run'}", *overrides,
+    ])
+
+
+@pytest.fixture
+def backbone_file(tmp_path):
+    """A state dict for the tiny backbone (with classifier keys, as downloaded weights have)."""
+    torch.manual_seed(0)
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=10)
+    path = tmp_path / "backbone.pth"
+    torch.save(model.state_dict(), path)
+    return path, {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)  # plain data only: no pickled objects
+
+
+def backbone_tensors(ckpt):
+    prefix = "model.backbone."
+    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+
+
+def epoch_losses(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    return [float(r["train/loss_epoch"]) for r in rows]
+
+
+@pytest.mark.parametrize("augmentation,cached", [("none", True), ("light", False)])
+def test_feature_extract_leaves_backbone_bitwise_unchanged(tmp_path, tiny_imagefolder, backbone_file,
+                                                           augmentation, cached):
+    path, reference = backbone_file
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=feature_extract", f"model.weights={path}",
+                   f"augmentation={augmentation}", "trainer.max_epochs=4", "optimizer.lr=0.02")
+    summary = train(cfg)
+    assert summary["feature_cache"] is cached
+    ckpt = load_ckpt(summary["last_checkpoint"])
+    trained = backbone_tensors(ckpt)
+    assert set(trained) == set(reference)
+    for name, tensor in reference.items():  # weights and BatchNorm running statistics alike
+        assert torch.equal(trained[name], tensor), f"frozen tensor {name} moved"
+    losses = epoch_losses(tmp_path / "run")
+    assert losses[-1] < losses[0], "the head did not learn"
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert {g["name"] for g in groups} == {"head/decay", "head/no_decay"}
+
+
+def test_fine_tune_trains_backbone_at_scaled_lr(tmp_path, tiny_imagefolder, backbone_file):
+    path, reference = backbone_file
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=fine_tune", "transfer.backbone_lr_scale=0.1",
+                   f"model.weights={path}", "optimizer.lr=0.01", "scheduler=cosine", "scheduler.warmup_epochs=1",
+                   "trainer.max_epochs=3")
+    summary = train(cfg)
+    ckpt = load_ckpt(summary["last_checkpoint"])
+    trained = backbone_tensors(ckpt)
+    changed = [k for k, v in reference.items() if not torch.equal(trained[k], v)]
+    assert any(k.endswith("weight") and "conv" in k for k in changed), "no backbone conv weight moved"
+    assert any("running_mean" in k for k in changed), "BatchNorm statistics should update when fine-tuning"
+
+    steps, epochs = ckpt["global_step"], 3
+    factor = lr_factor(steps, cfg.scheduler, steps / epochs, steps)
+    groups = {g["name"]: g for g in ckpt["optimizer_states"][0]["param_groups"]}
+    assert set(groups) == {"backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"}
+    for name, group in groups.items():
+        scale = 0.1 if name.startswith("backbone") else 1.0
+        assert group["lr"] == pytest.approx(0.01 * scale * factor, rel=1e-9, abs=1e-15)
+        assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else cfg.optimizer.weight_decay)
+
+
+def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder, make_image_folder):
+    from conftest import write_class_images
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    for k, c in enumerate(("cat", "dog")):
+        write_class_images(tiny_imagefolder / "test" / c, k, 3, 32, rng)
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "augmentation=none", "trainer.max_epochs=2")
+    summary = train(cfg)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "metrics.csv").is_file()
+    saved = (run / "config.yaml").read_text()
+    assert "${" not in saved and str(run) in saved  # resolved
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("val_acc", "test_acc", "epochs", "best_checkpoint", "run_dir", "num_classes", "class_names"):
+        assert on_disk[key] is not None, key
+    assert on_disk["class_names"] == ["cat", "dog"] and on_disk["num_classes"] == 2 and on_disk["epochs"] == 2
+    assert on_disk["test_size"] == 6 and 0.0 <= on_disk["test_acc"] <= 1.0
+    meta = load_ckpt(run / "checkpoints" / "best.ckpt")["transfer"]
+    assert meta["class_to_idx"] == {"cat": 0, "dog": 1}
+    assert meta["config"]["model"]["backbone"] == BACKBONE
+    assert meta["data_config"]["input_size"] == [3, 32, 32]
+
+
+def test_bad_images_within_budget_are_listed(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", bad=2)
+    summary = train(tiny_cfg(tmp_path, root, "data.max_bad_images=2", "trainer.max_epochs=1"))
+    assert summary["bad_images"] == 2
+    listed = (tmp_path / "run" / "bad_images.txt").read_text()
+    assert "corrupt000.png" in listed and "corrupt001.png" in listed
+
+
+def test_bad_images_over_budget_stop_the_run(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", bad=3)
+    with pytest.raises(TransferError) as err:
+        train(tiny_cfg(tmp_path, root, "data.max_bad_images=1", "trainer.max_epochs=1"))
+    assert "max_bad_images" in str(err.value)
+
+
+def test_unknown_backbone_lists_close_matches(tmp_path, tiny_imagefolder):
+    with pytest.raises(TransferError) as err:
+        train(tiny_cfg(tmp_path, tiny_imagefolder, "model.backbone=resnet5O"))
+    assert "resnet50" in str(err.value)

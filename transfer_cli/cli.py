@@ -1,0 +1,88 @@
+"""The `transfer` command: parse the subcommand and hand over. No torch import happens here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from transfer_cli import __version__
+from transfer_cli.errors import TransferError
+
+EXAMPLES = """\
+examples:
+  transfer train                                    # the offline demo (experiment=demo)
+  transfer train experiment=resnet50_feature_extract data=imagefolder data.root=~/data/flowers
+  transfer train model.backbone=convnext_tiny transfer=fine_tune optimizer.lr=3e-4 \\
+                 trainer=gpu trainer.precision=bf16-mixed
+  transfer train debug=fast_dev_run                 # one batch through everything
+  transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep
+  transfer train --help                             # every config group and key
+"""
+
+
+def _train(args: list[str]) -> None:
+    from transfer_cli.config.compose import check_overrides
+    from transfer_cli.hydra_app import run_train_app
+
+    check_overrides(args)
+    run_train_app(args)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
+    "train": ("train a classifier from the composed config (Hydra overrides: key=value, -m for sweeps)", _train),
+}
+
+
+def _help() -> str:
+    from transfer_cli.config.compose import config_groups
+
+    lines = [f"transfer {__version__}: transfer learning of image classifiers with timm, Lightning and Hydra.", ""]
+    lines.append("usage: transfer <command> [overrides...]")
+    lines.append("")
+    lines.append("commands:")
+    lines += [f"  {name:<10} {text}" for name, (text, _) in COMMANDS.items()]
+    lines.append("")
+    lines.append("config groups (choose with group=option, e.g. transfer=fine_tune):")
+    for group, options in config_groups().items():
+        if group != "hydra":
+            lines.append(f"  {group:<13} {', '.join(options)}")
+    lines.append("")
+    lines.append(EXAMPLES)
+    return "\n".join(lines)
+
+
+def print_error(err: TransferError) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+    if err.fix:
+        console.print(f"[bold green]fix:[/] {err.fix}", highlight=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_help())
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"transfer {__version__}")
+        return
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+            raise TransferError(
+                f"unknown command '{command}'",
+                f"did you mean `transfer {close[0]}`?" if close else f"commands: {', '.join(COMMANDS)}",
+            )
+        COMMANDS[command][1](rest)
+    except TransferError as err:
+        print_error(err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

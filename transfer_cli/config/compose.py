@@ -1,0 +1,144 @@
+"""Finding the configs, composing them, and turning config mistakes into did-you-mean errors.
+
+Everything here imports only Hydra/OmegaConf, so a mistyped override fails in well under a second, before torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+from transfer_cli.config.schema import CHOICES, TrainConfig, register_configs
+from transfer_cli.errors import TransferError
+
+SKIPPED_GROUPS = {"hydra"}  # Hydra's own group: its keys are Hydra's business
+
+
+def config_dir() -> Path:
+    """configs/ of a source checkout, or the copy shipped inside the wheel as transfer_cli/configs."""
+    spec = importlib.util.find_spec("transfer_cli.configs")
+    if spec is not None and spec.submodule_search_locations:
+        found = Path(list(spec.submodule_search_locations)[0])
+        if (found / "train.yaml").is_file():
+            return found
+    checkout = Path(__file__).resolve().parents[2] / "configs"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    raise TransferError("the configs folder is missing from this installation", "reinstall: pip install transfer-cli")
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group and its options, read from the folder names and YAML files."""
+    root = config_dir()
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(("_", ".")) and any(d.glob("*.yaml"))
+    }
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str:
+    matches = close_matches(word, candidates)
+    return f"did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_key(key: str) -> None:
+    """Walk a dotted key through the schema; stop at free-form nodes (Dict/Any)."""
+    node: Any = TrainConfig
+    walked: list[str] = []
+    for part in key.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return  # a Dict[str, Any] or Any field: free-form below here
+        fields = _field_types(node)
+        if part not in fields:
+            where = ".".join(walked) or "the top level"
+            candidates = list(fields) + ([] if walked else list(config_groups()))
+            matches = close_matches(part, candidates)
+            fix = (
+                f"did you mean {'.'.join(walked + [matches[0]])}?"
+                if matches
+                else f"the keys of {where} are: {', '.join(sorted(fields))}"
+            )
+            raise TransferError(f"unknown config key '{key}': '{part}' is not a key of {where}", fix)
+        walked.append(part)
+        node = fields[part]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Validate command-line overrides against the schema and the config groups, with did-you-mean hints.
+
+    Types are left to OmegaConf, whose messages already name the key and the expected type.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    candidates = [o for o in overrides if "=" in o and not o.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except HydraException as e:
+        raise TransferError(f"could not parse the overrides: {e}", "write them as key=value, e.g. optimizer.lr=1e-3")
+    groups = config_groups()
+    for ov in parsed:
+        key = ov.key_or_group
+        if key.split(".")[0].split("/")[0] in SKIPPED_GROUPS or ov.type == OverrideType.DEL:
+            continue
+        if key in groups:
+            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+            for value in values:
+                if value is None or str(value) == "null":
+                    raise TransferError(f"'{key}=null' does not remove a config group", f"write ~{key} instead")
+                if str(value) not in groups[key]:
+                    hint = _suggest(str(value), groups[key])
+                    raise TransferError(
+                        f"'{value}' is not an option of config group '{key}'. {hint}".rstrip(),
+                        f"choose one of: {', '.join(groups[key])}",
+                    )
+            continue
+        _check_key(key)
+
+
+def check_choices(cfg: Any) -> None:
+    """Fields whose value must be one of a few names (CHOICES), after composition."""
+    from omegaconf import OmegaConf
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and str(value) not in allowed:
+            hint = _suggest(str(value), allowed)
+            raise TransferError(
+                f"{key}={value} is not a valid choice. {hint}".rstrip(), f"set {key} to one of: {', '.join(allowed)}"
+            )
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train") -> Any:
+    """The composed config, as `transfer train` would build it (for tests and the non-train commands)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
+    check_overrides(overrides)
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
+    except HydraException as e:
+        raise TransferError(f"the config does not compose: {e}", "check the overrides against `transfer train --help`")
+    check_choices(cfg)
+    return cfg

@@ -1,0 +1,205 @@
+"""LightningDataModule over discovered samples: loaders, reproducible shuffling, and bad-image bookkeeping.
+
+Unreadable images are skipped rather than fatal, up to data.max_bad_images; each one is listed in the run
+dir's log so the user can repair the data set, and one too many stops the run with the full list.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from transfer_cli.data.images import BadImage, ImageDataset, format_bad, scan_images
+from transfer_cli.data.sources import SPLITS, DataSplits, Sample
+from transfer_cli.data.transforms import build_transform
+from transfer_cli.errors import TransferError
+
+
+class Batch(NamedTuple):
+    """What the loaders yield: a NamedTuple, so pin_memory and worker pickling keep its type."""
+
+    images: torch.Tensor  # (N, 3, H, W) float32, N may be 0 when every image of the batch failed
+    labels: torch.Tensor  # (N,) int64
+    bad: List[Tuple[str, str]]  # (path, reason) of the samples dropped from this batch
+
+
+def collate_drop_bad(items: Sequence[Any], image_shape: Tuple[int, int, int]) -> Batch:
+    good = [it for it in items if not isinstance(it, BadImage)]
+    bad = [(it.path, it.reason) for it in items if isinstance(it, BadImage)]
+    if good:
+        images = torch.stack([img for img, _ in good])
+        labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    else:  # keep the shapes a model expects, so a step can check for N == 0 instead of crashing
+        images = torch.empty((0, *image_shape), dtype=torch.float32)
+        labels = torch.empty((0,), dtype=torch.long)
+    return Batch(images, labels, bad)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends on (seed, epoch) only: resuming at epoch k replays epoch k's order, and
+    nothing else that consumes random numbers (model init, augmentation) can shift it."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every training epoch
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        # SeedSequence mixes both numbers, so neighbouring (seed, epoch) pairs give unrelated orders.
+        rng = np.random.default_rng([self.seed % 2**64, self.epoch])
+        return iter(rng.permutation(self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ImageDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        splits: DataSplits,
+        data_config: Dict[str, Any],
+        data_cfg: Any,
+        aug_cfg: Any,
+        seed: int,
+        bad_image_log: Optional[Path] = None,
+    ):
+        super().__init__()
+        self.splits = splits
+        self.data_config = dict(data_config)
+        self.data_cfg = data_cfg
+        self.aug_cfg = aug_cfg
+        self.seed = int(seed)
+        self.bad_image_log = Path(bad_image_log) if bad_image_log is not None else None
+        self.max_bad_images = int(data_cfg.max_bad_images)
+        self.batch_size = int(data_cfg.batch_size)
+        self.eval_batch_size = int(data_cfg.eval_batch_size or 2 * self.batch_size)
+        self.num_workers = int(data_cfg.num_workers)
+        self.image_shape = tuple(int(v) for v in self.data_config["input_size"])
+        self._transforms = {aug: build_transform(self.data_config, aug_cfg, train=aug) for aug in (True, False)}
+        self._bad: Dict[str, str] = {}  # path -> reason; a dict, so it is a set that keeps first-seen order
+        self._samples: Optional[Dict[str, List[Sample]]] = None
+
+    # ------------------------------------------------------------ metadata
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(self.splits.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+    @property
+    def class_to_idx(self) -> Dict[str, int]:
+        return {c: i for i, c in enumerate(self.splits.class_names)}
+
+    @property
+    def bad_images(self) -> List[Tuple[str, str]]:
+        return list(self._bad.items())
+
+    def samples(self, split: str) -> List[Sample]:
+        """The split's samples after setup()'s scan, in loader order (unshuffled)."""
+        self.setup()
+        assert self._samples is not None
+        if split not in self._samples:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self._samples[split]
+
+    # ------------------------------------------------------------ bad images
+
+    def record_bad(self, bad: Sequence[Tuple[str, str]]) -> None:
+        """Remember newly failed images, append them to the log, and stop once there are too many."""
+        new = [(str(p), str(r)) for p, r in bad if str(p) not in self._bad]
+        if new:
+            self._bad.update(new)
+            if self.bad_image_log is not None:
+                self.bad_image_log.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.bad_image_log, "a", encoding="utf-8") as f:
+                    f.writelines(f"{p}\t{r}\n" for p, r in new)
+        if len(self._bad) > self.max_bad_images:
+            where = f" (listed in {self.bad_image_log})" if self.bad_image_log is not None else ""
+            raise TransferError(
+                f"{len(self._bad)} unreadable image(s){where}, more than "
+                f"data.max_bad_images={self.max_bad_images}:\n{format_bad(self.bad_images)}",
+                f"remove or repair those files, or allow more: data.max_bad_images={len(self._bad)}",
+            )
+
+    def strip_bad(self, batch: Any) -> Any:
+        """(images, labels) of a loader batch, recording the images it dropped. Code that iterates a loader
+        itself (outside a Trainer that has this data module) calls this on each batch."""
+        if not isinstance(batch, Batch):
+            return batch
+        if batch.bad:
+            self.record_bad([tuple(b) for b in batch.bad])  # pin_memory turns the inner tuples into lists
+        return batch.images, batch.labels
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Runs in the main process, where the set of bad images and the log live; workers cannot share them.
+        return self.strip_bad(batch)
+
+    # ------------------------------------------------------------ setup and loaders
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._samples is not None:  # Lightning calls setup once per stage; the scan is needed only once
+            return
+        every = [s for split in SPLITS for s in getattr(self.splits, split)]
+        # Budget = everything here, so all bad files get logged; record_bad then enforces the real budget.
+        bad = scan_images(every, budget=len(every))
+        self.record_bad(bad)
+        dropped = {p for p, _ in bad}
+        self._samples = {split: [s for s in getattr(self.splits, split) if s[0] not in dropped] for split in SPLITS}
+        for split in ("train", "val"):
+            if not self._samples[split]:
+                raise TransferError(
+                    f"every image of the {split} split is unreadable:\n{format_bad(bad)}",
+                    "remove or repair those files",
+                )
+
+    def loader(self, split: str, augment: bool, shuffle: bool = False) -> DataLoader:
+        """A DataLoader over one split; e.g. loader("train", augment=False) gives the training images with eval
+        preprocessing, in a fixed order, for precomputing frozen-backbone features."""
+        samples = self.samples(split)
+        if not samples:
+            raise TransferError(
+                f"the data set has no {split} split",
+                "add a test/ folder (or split=test rows), or set data.test_fraction=0.1",
+            )
+        dataset = ImageDataset(samples, self._transforms[bool(augment)])
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if augment else self.eval_batch_size,  # no gradients kept when evaluating
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            shuffle=False,
+            drop_last=False,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=partial(collate_drop_bad, image_shape=self.image_shape),
+            # Worker base seeds (hence the random crops and flips) follow `seed`, independent of the sampler.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", augment=True, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", augment=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", augment=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("test" if self.splits.test else "val", augment=False)
+
+
+__all__ = ["ImageDataModule", "EpochShuffleSampler", "Batch", "collate_drop_bad"]

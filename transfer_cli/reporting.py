@@ -1,0 +1,41 @@
+"""What a run prints: the composed config as a tree at the start, a results table at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+
+CONFIG_ORDER = ("data", "model", "transfer", "augmentation", "optimizer", "scheduler", "trainer", "logger",
+                "callbacks", "paths")
+
+
+def print_config_tree(cfg: Any) -> None:
+    tree = Tree(f"[bold]config[/] (name={cfg.name}, seed={cfg.seed})", guide_style="dim")
+    for key in CONFIG_ORDER:
+        if key in cfg:
+            branch = tree.add(f"[bold cyan]{key}[/]")
+            text = OmegaConf.to_yaml(cfg[key], resolve=True).rstrip() or "{}"
+            branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    console.print(tree)
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"transfer train: {summary.get('name', '')}", show_header=False, title_style="bold")
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("val_acc", "test_acc", "epochs", "num_classes", "wall_time_s", "feature_cache", "bad_images",
+                "best_checkpoint", "run_dir"):
+        value = summary.get(key)
+        if value is None:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4f}" if key.endswith("acc") else f"{value:.1f}"
+        table.add_row(key, str(value))
+    console.print(table)

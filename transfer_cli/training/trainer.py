@@ -1,0 +1,70 @@
+"""pl.Trainer from the trainer, logger and callbacks groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from transfer_cli.errors import TransferError
+
+CHECKPOINT_DIR = "checkpoints"
+# Schema fields that are ours, not pl.Trainer arguments.
+_NOT_TRAINER_ARGS = {"kwargs"}
+
+
+def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
+    cb = cfg.callbacks
+    checkpoints = run_dir / CHECKPOINT_DIR
+    # best.ckpt and last.ckpt come from two callbacks: Lightning 2.6's save_last only refreshes last.ckpt in
+    # epochs where the monitored metric improved, so a plain save_last=True can leave a stale "last".
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=cb.monitor, mode=cb.mode, save_top_k=1,
+                        auto_insert_metric_name=False, enable_version_counter=False)
+    ]
+    if cb.save_last:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
+    if cb.early_stopping_patience > 0:
+        callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
+    if cb.rich_progress and cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar(leave=True))
+    if cfg.logger.csv or cfg.logger.tensorboard:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return callbacks
+
+
+def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # run_dir/metrics.csv
+    if cfg.logger.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise TransferError("logger=tensorboard needs the tensorboard package", "pip install tensorboard")
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""))
+    return loggers
+
+
+def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    extra = args.pop("kwargs", {}) or {}
+    args = {k: v for k, v in args.items() if v is not None and k not in _NOT_TRAINER_ARGS}
+    args.update(extra)
+    loggers = build_loggers(cfg, run_dir)
+    try:
+        return pl.Trainer(
+            default_root_dir=str(run_dir),
+            logger=loggers if loggers else False,
+            callbacks=build_callbacks(cfg, run_dir),
+            **args,
+        )
+    except TypeError as e:  # an unknown +trainer.kwargs.X
+        raise TransferError(f"pl.Trainer rejected an argument: {e}", "check the names under trainer.kwargs")
+    except (ValueError, RuntimeError) as e:  # e.g. no GPU for trainer=gpu, a precision the device lacks
+        raise TransferError(f"the trainer could not start: {e}", "on a CPU-only machine use trainer=cpu")
