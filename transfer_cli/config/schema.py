@@ -24,7 +24,7 @@ class DataConfig:
     split_seed: int = 0  # fixed apart from `seed`, so several training seeds share one split
     batch_size: int = 32
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
-    num_workers: int = 2
+    num_workers: Any = "auto"  # auto: one per available core but one, up to 8; or a number
     max_bad_images: int = 10  # unreadable images skipped (and listed in the run dir) before the run fails
     # Preprocessing; None = the backbone's pretrained config (timm resolve_data_config).
     image_size: Optional[int] = None

@@ -6,6 +6,8 @@ dir's log so the user can repair the data set, and one too many stops the run wi
 
 from __future__ import annotations
 
+import os
+
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -62,6 +64,21 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
 
+def resolve_num_workers(value: Any) -> int:
+    """data.num_workers: a count, or "auto". Auto leaves one core to the training process, which on a small
+    machine does the heavy lifting itself; more than 8 decoders rarely pay off for a single device."""
+    if str(value) == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(0, min(8, cores - 1))
+    try:
+        workers = int(value)
+    except (TypeError, ValueError):
+        workers = -1
+    if workers < 0:
+        raise TransferError(f"data.num_workers={value} is not a worker count", "use data.num_workers=auto or 0, 1, 2, ...")
+    return workers
+
+
 class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -82,7 +99,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.max_bad_images = int(data_cfg.max_bad_images)
         self.batch_size = int(data_cfg.batch_size)
         self.eval_batch_size = int(data_cfg.eval_batch_size or 2 * self.batch_size)
-        self.num_workers = int(data_cfg.num_workers)
+        self.num_workers = resolve_num_workers(data_cfg.num_workers)
         self.image_shape = tuple(int(v) for v in self.data_config["input_size"])
         self._transforms = {aug: build_transform(self.data_config, aug_cfg, train=aug) for aug in (True, False)}
         self._bad: Dict[str, str] = {}  # path -> reason; a dict, so it is a set that keeps first-seen order

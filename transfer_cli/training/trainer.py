@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
@@ -39,6 +41,8 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
 
 
 def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
+    # The run dir already holds config.yaml when the CSV logger starts; its "not empty" warning is noise here.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # run_dir/metrics.csv
@@ -66,5 +70,8 @@ def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
         )
     except TypeError as e:  # an unknown +trainer.kwargs.X
         raise TransferError(f"pl.Trainer rejected an argument: {e}", "check the names under trainer.kwargs")
-    except (ValueError, RuntimeError) as e:  # e.g. no GPU for trainer=gpu, a precision the device lacks
-        raise TransferError(f"the trainer could not start: {e}", "on a CPU-only machine use trainer=cpu")
+    except (MisconfigurationException, ValueError, RuntimeError) as e:  # no GPU for trainer=gpu, a bad precision
+        raise TransferError(
+            f"the trainer could not start: {e}",
+            "on a machine without a GPU use trainer=cpu (or trainer=auto); check trainer.precision/devices",
+        ) from e

