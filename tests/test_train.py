@@ -97,7 +97,8 @@ def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder, make_image
     rng = np.random.default_rng(7)
     for k, c in enumerate(("cat", "dog")):
         write_class_images(tiny_imagefolder / "test" / c, k, 3, 32, rng)
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "augmentation=none", "trainer.max_epochs=2")
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "augmentation=none", "trainer.max_epochs=2",
+                   "model.head_hidden_dim=16", "model.head_dropout=0.1")
     summary = train(cfg)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
@@ -110,7 +111,11 @@ def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder, make_image
         assert on_disk[key] is not None, key
     assert on_disk["class_names"] == ["cat", "dog"] and on_disk["num_classes"] == 2 and on_disk["epochs"] == 2
     assert on_disk["test_size"] == 6 and 0.0 <= on_disk["test_acc"] <= 1.0
-    meta = load_ckpt(run / "checkpoints" / "best.ckpt")["transfer"]
+    best = load_ckpt(run / "checkpoints" / "best.ckpt")
+    head = {k: tuple(v.shape) for k, v in best["state_dict"].items() if k.startswith("model.head.")}
+    width = best["transfer"]["num_features"]
+    assert sorted(head.values()) == sorted([(16, width), (16,), (2, 16), (2,)])  # hidden layer, sized from data
+    meta = best["transfer"]
     assert meta["class_to_idx"] == {"cat": 0, "dog": 1}
     assert meta["config"]["model"]["backbone"] == BACKBONE
     assert meta["data_config"]["input_size"] == [3, 32, 32]

@@ -29,7 +29,7 @@ def print_config_tree(cfg: Any) -> None:
 def print_summary(summary: dict) -> None:
     table = Table(title=f"transfer train: {summary.get('name', '')}", show_header=False, title_style="bold")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # paths are the point of this table: wrap them, never cut them
     for key in ("val_acc", "test_acc", "epochs", "num_classes", "wall_time_s", "feature_cache", "bad_images",
                 "best_checkpoint", "run_dir"):
         value = summary.get(key)
