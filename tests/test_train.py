@@ -140,3 +140,12 @@ def test_unknown_backbone_lists_close_matches(tmp_path, tiny_imagefolder):
     with pytest.raises(TransferError) as err:
         train(tiny_cfg(tmp_path, tiny_imagefolder, "model.backbone=resnet5O"))
     assert "resnet50" in str(err.value)
+
+
+def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data")
+    victim = sorted((root / "train" / "cat").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:80])  # header intact, pixels cut off: fails only when decoded
+    summary = train(tiny_cfg(tmp_path, root, "data.batch_size=1", "trainer.max_epochs=1", "augmentation=light"))
+    assert summary["bad_images"] == 1 and summary["epochs"] == 1
+    assert victim.name in (tmp_path / "run" / "bad_images.txt").read_text()

@@ -19,7 +19,7 @@ from transfer_cli.models.named_weights import NAMED_WEIGHTS
 from transfer_cli.reporting import print_config_tree, print_summary
 from transfer_cli.training.features import FeatureDataModule, use_feature_cache
 from transfer_cli.training.module import TransferModule
-from transfer_cli.training.trainer import build_trainer
+from transfer_cli.training.trainer import CHECKPOINT_DIR, build_trainer
 
 log = logging.getLogger("transfer_cli")
 
@@ -73,14 +73,14 @@ def train(cfg: DictConfig) -> dict:
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     best_score = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
     summary: dict[str, Any] = {
         "name": cfg.name,
         "val_acc": best_score if best_score is not None else _metric(trainer, "val/acc"),
         "test_acc": None,
         "epochs": int(trainer.current_epoch),
         "best_checkpoint": best_path,
-        "last_checkpoint": str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and cfg.callbacks.save_last
-        and (Path(ckpt.dirpath) / "last.ckpt").exists() else None,
+        "last_checkpoint": str(last) if last.is_file() else None,
         "run_dir": str(run_dir),
         "num_classes": len(splits.class_names),
         "class_names": list(splits.class_names),

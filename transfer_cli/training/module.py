@@ -40,8 +40,10 @@ class TransferModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor | None:
         inputs, target = batch
+        if len(target) == 0:  # every image of the batch was unreadable: nothing to learn from, skip the step
+            return None
         logits = self.model.head(inputs) if self.inputs == "features" else self.model(inputs)
         loss = F.cross_entropy(logits, target)
         metric = self.accuracy[f"{stage}_acc"]
@@ -51,7 +53,7 @@ class TransferModule(pl.LightningModule):
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(target))
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -15,8 +15,6 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from transfer_cli.errors import TransferError
 
 CHECKPOINT_DIR = "checkpoints"
-# Schema fields that are ours, not pl.Trainer arguments.
-_NOT_TRAINER_ARGS = {"kwargs"}
 
 
 def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
@@ -57,8 +55,8 @@ def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
 
 def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    extra = args.pop("kwargs", {}) or {}
-    args = {k: v for k, v in args.items() if v is not None and k not in _NOT_TRAINER_ARGS}
+    extra = args.pop("kwargs", {}) or {}  # +trainer.kwargs.X: any other pl.Trainer argument
+    args = {k: v for k, v in args.items() if v is not None}
     args.update(extra)
     loggers = build_loggers(cfg, run_dir)
     try:
