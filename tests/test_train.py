@@ -3,9 +3,11 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
+from conftest import write_class_images
 
 from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
@@ -90,10 +92,7 @@ def test_fine_tune_trains_backbone_at_scaled_lr(tmp_path, tiny_imagefolder, back
         assert group["weight_decay"] == (0.0 if name.endswith("no_decay") else cfg.optimizer.weight_decay)
 
 
-def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder, make_image_folder):
-    from conftest import write_class_images
-    import numpy as np
-
+def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder):
     rng = np.random.default_rng(7)
     for k, c in enumerate(("cat", "dog")):
         write_class_images(tiny_imagefolder / "test" / c, k, 3, 32, rng)

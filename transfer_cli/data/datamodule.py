@@ -7,7 +7,6 @@ dir's log so the user can repair the data set, and one too many stops the run wi
 from __future__ import annotations
 
 import os
-
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
