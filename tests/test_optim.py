@@ -9,7 +9,9 @@ from omegaconf import OmegaConf
 
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig, TransferConfig
 from transfer_cli.models.classifier import Classifier
-from transfer_cli.training.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from transfer_cli.training.optim import build_optimizer
+from transfer_cli.training.param_groups import param_groups
+from transfer_cli.training.schedules import build_scheduler, lr_factor
 
 
 def sched(**kw):

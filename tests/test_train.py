@@ -12,7 +12,7 @@ from conftest import write_class_images
 from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
 from transfer_cli.train import train
-from transfer_cli.training.optim import lr_factor
+from transfer_cli.training.schedules import lr_factor
 
 BACKBONE = "test_efficientnet"  # timm's tiny test model: BatchNorm everywhere, ~0.2 M parameters
 

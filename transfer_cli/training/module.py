@@ -12,7 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.training.freezing import apply_freeze
-from transfer_cli.training.optim import build_optimizer, build_scheduler, param_groups
+from transfer_cli.training.optim import build_optimizer
+from transfer_cli.training.param_groups import param_groups
+from transfer_cli.training.schedules import build_scheduler
 
 CHECKPOINT_KEY = "transfer"  # our plain-data block inside every Lightning checkpoint
 
