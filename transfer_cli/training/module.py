@@ -6,12 +6,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.classification import MulticlassAccuracy
 
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.training.freezing import apply_freeze
+from transfer_cli.training.losses import build_criterion
+from transfer_cli.training.metrics import build_metrics
 from transfer_cli.training.optim import build_optimizer
 from transfer_cli.training.param_groups import param_groups
 from transfer_cli.training.schedules import build_scheduler
@@ -33,11 +33,8 @@ class TransferModule(pl.LightningModule):
         self.meta = meta
         self.inputs = inputs
         num_classes = len(meta["class_names"])
-        # ModuleDict keys cannot be "train" (nn.Module.train), hence the suffix.
-        self.accuracy = torch.nn.ModuleDict(
-            {f"{stage}_acc": MulticlassAccuracy(num_classes=num_classes, average="micro")
-             for stage in ("train", "val", "test")}
-        )
+        self.criterion = build_criterion(cfg, num_classes)
+        self.metrics = build_metrics(cfg, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -47,12 +44,12 @@ class TransferModule(pl.LightningModule):
         if len(target) == 0:  # every image of the batch was unreadable: nothing to learn from, skip the step
             return None
         logits = self.model.head(inputs) if self.inputs == "features" else self.model(inputs)
-        loss = F.cross_entropy(logits, target)
-        metric = self.accuracy[f"{stage}_acc"]
-        metric(logits, target)
+        loss = self.criterion(logits, target)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics(logits, target)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(target))
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(target))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(target))
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
