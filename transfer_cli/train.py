@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.data.datamodule import ImageDataModule
-from transfer_cli.data.sources import discover
+from transfer_cli.data.sources import DataSplits, discover
 from transfer_cli.models.backbone import create_backbone, resolve_data_config
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.models.named_weights import NAMED_WEIGHTS
@@ -38,15 +39,21 @@ def _metric(trainer: pl.Trainer, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def train(cfg: DictConfig) -> dict:
-    started = time.time()
-    run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.paths.output_dir = str(run_dir)  # resolved once: checkpoints and config.yaml carry the real path
-    print_config_tree(cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    pl.seed_everything(cfg.seed, workers=True)
+@dataclass
+class RunParts:
+    """Everything a command needs to run the configured experiment: train, lr-find and previews share it."""
 
+    splits: DataSplits
+    model: Classifier
+    images: ImageDataModule
+    datamodule: pl.LightningDataModule  # `images`, or the cached features of the frozen backbone
+    module: TransferModule
+    trainer: pl.Trainer
+    feature_cache: bool
+
+
+def build_data(cfg: DictConfig, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDataModule, dict]:
+    """Discover the data, build the model, and the image datamodule with the model's preprocessing."""
     splits = discover(cfg.data)
     log.info("data: %s", splits.source_desc)
     backbone = create_backbone(cfg.model)
@@ -62,12 +69,30 @@ def train(cfg: DictConfig) -> dict:
         "backbone": cfg.model.backbone,
         "num_features": model.num_features,
     }
+    return splits, model, images, meta
 
+
+def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
+    pl.seed_everything(cfg.seed, workers=True)
+    splits, model, images, meta = build_data(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
     cache, why = use_feature_cache(cfg)
     log.info("feature cache %s", why)
     datamodule = FeatureDataModule(images, model, trainer) if cache else images
     module = TransferModule(model, cfg, meta, inputs="features" if cache else "images")
+    return RunParts(splits, model, images, datamodule, module, trainer, cache)
+
+
+def train(cfg: DictConfig) -> dict:
+    started = time.time()
+    run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.paths.output_dir = str(run_dir)  # resolved once: checkpoints and config.yaml carry the real path
+    print_config_tree(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    run = build_run(cfg, run_dir)
+    splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
     trainer.fit(module, datamodule=datamodule)
 
     ckpt = trainer.checkpoint_callback
@@ -87,7 +112,7 @@ def train(cfg: DictConfig) -> dict:
         "train_size": len(splits.train),
         "val_size": len(splits.val),
         "test_size": len(splits.test),
-        "feature_cache": cache,
+        "feature_cache": run.feature_cache,
         "bad_images": len(images.bad_images),
     }
     if splits.test:
