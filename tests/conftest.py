@@ -65,3 +65,9 @@ def make_image_folder():
 def tiny_imagefolder(tmp_path) -> Path:
     """root/{train,val}/{cat,dog}/*.png: 8 train and 4 val images per class, 32x32."""
     return _make_image_folder(tmp_path / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def private_feature_cache(tmp_path, monkeypatch):
+    """Each test caches backbone features under its own tmp_path, never in the user's ~/.cache."""
+    monkeypatch.setenv("TRANSFER_CACHE_DIR", str(tmp_path / "feature-cache"))

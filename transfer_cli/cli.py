@@ -28,8 +28,24 @@ def _train(args: list[str]) -> None:
     run_train_app(args)
 
 
+def _augment_preview(args: list[str]) -> None:
+    from transfer_cli.preview import augment_preview  # imports torch only once the config has composed
+
+    print(f"wrote {augment_preview(args)}")
+
+
+def _lr_find(args: list[str]) -> None:
+    from transfer_cli.finders import lr_find_command  # torch loads only once the command runs
+
+    lr_find_command(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "train": ("train a classifier from the composed config (Hydra overrides: key=value, -m for sweeps)", _train),
+    "augment-preview": ("PNG grid of augmented training samples [overrides] [n=16] [output=FILE.png]",
+                        _augment_preview),
+    "lr-find": ("LR range test on the configured run: lr_find.png and the optimizer.lr to use [overrides] "
+                "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]", _lr_find),
 }
 
 
@@ -40,7 +56,8 @@ def _help() -> str:
     lines.append("usage: transfer <command> [overrides...]")
     lines.append("")
     lines.append("commands:")
-    lines += [f"  {name:<10} {text}" for name, (text, _) in COMMANDS.items()]
+    width = max(len(name) for name in COMMANDS) + 2
+    lines += [f"  {name:<{width}}{text}" for name, (text, _) in COMMANDS.items()]
     lines.append("")
     lines.append("config groups (choose with group=option, e.g. transfer=fine_tune):")
     for group, options in config_groups().items():

@@ -30,12 +30,12 @@ def print_summary(summary: dict) -> None:
     table = Table(title=f"transfer train: {summary.get('name', '')}", show_header=False, title_style="bold")
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # paths are the point of this table: wrap them, never cut them
-    for key in ("val_acc", "test_acc", "epochs", "num_classes", "wall_time_s", "feature_cache", "bad_images",
-                "best_checkpoint", "run_dir"):
+    for key in ("val_mAP", "val_f1", "test_mAP", "val_acc", "test_acc", "epochs", "num_classes", "wall_time_s",
+                "feature_cache", "bad_images", "best_checkpoint", "run_dir"):
         value = summary.get(key)
         if value is None:
             continue
         if isinstance(value, float):
-            value = f"{value:.4f}" if key.endswith("acc") else f"{value:.1f}"
+            value = f"{value:.4f}" if key.endswith(("acc", "mAP", "f1")) else f"{value:.1f}"
         table.add_row(key, str(value))
     console.print(table)

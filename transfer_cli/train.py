@@ -13,10 +13,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.data.datamodule import ImageDataModule
+from transfer_cli.data.gpu_decode import resolve_decode
 from transfer_cli.data.sources import DataSplits, discover
-from transfer_cli.models.backbone import create_backbone, resolve_data_config
+from transfer_cli.models.combined import build_backbone
 from transfer_cli.models.classifier import Classifier
-from transfer_cli.models.named_weights import NAMED_WEIGHTS
 from transfer_cli.reporting import print_config_tree, print_summary
 from transfer_cli.training.features import FeatureDataModule, use_feature_cache
 from transfer_cli.training.module import TransferModule
@@ -54,11 +54,9 @@ class RunParts:
 
 def build_data(cfg: DictConfig, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDataModule, dict]:
     """Discover the data, build the model, and the image datamodule with the model's preprocessing."""
-    splits = discover(cfg.data)
+    splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)
-    backbone = create_backbone(cfg.model)
-    named = NAMED_WEIGHTS.get(cfg.model.weights) if cfg.model.weights else None
-    data_config = resolve_data_config(backbone, cfg.data, named)
+    backbone, data_config = build_backbone(cfg.model, cfg.data)
     model = Classifier(backbone, len(splits.class_names), cfg.model.head_hidden_dim, cfg.model.head_dropout)
     images = ImageDataModule(splits, data_config, cfg.data, cfg.augmentation, seed=cfg.seed,
                              bad_image_log=run_dir / "bad_images.txt")
@@ -66,8 +64,10 @@ def build_data(cfg: DictConfig, run_dir: Path) -> tuple[DataSplits, Classifier, 
         "class_names": list(splits.class_names),
         "class_to_idx": {name: i for i, name in enumerate(splits.class_names)},
         "data_config": _plain(dict(data_config)),
-        "backbone": cfg.model.backbone,
+        "backbone": list(cfg.model.backbones) or cfg.model.backbone,
         "num_features": model.num_features,
+        "task": cfg.task,  # multilabel: sigmoid outputs, decoded to label sets at multilabel_threshold
+        "multilabel_threshold": float(cfg.multilabel_threshold),
     }
     return splits, model, images, meta
 
@@ -76,10 +76,14 @@ def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
     pl.seed_everything(cfg.seed, workers=True)
     splits, model, images, meta = build_data(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
+    decode_device = resolve_decode(cfg.data.decode, trainer.strategy.root_device)
+    if decode_device is not None:
+        images.decode_on(decode_device)
     cache, why = use_feature_cache(cfg)
     log.info("feature cache %s", why)
-    datamodule = FeatureDataModule(images, model, trainer) if cache else images
-    module = TransferModule(model, cfg, meta, inputs="features" if cache else "images")
+    datamodule = FeatureDataModule(images, model, trainer, cfg) if cache else images
+    module = TransferModule(model, cfg, meta, inputs="features" if cache else "images",
+                            class_counts=splits.counts("train"))
     return RunParts(splits, model, images, datamodule, module, trainer, cache)
 
 
@@ -93,15 +97,23 @@ def train(cfg: DictConfig) -> dict:
 
     run = build_run(cfg, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
+    if cfg.trainer.auto_batch_size:
+        from transfer_cli.finders import scale_batch_size
+
+        scale_batch_size(run, cfg)
     trainer.fit(module, datamodule=datamodule)
 
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     best_score = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
     last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+
+    def best_or_last(key: str) -> float | None:  # the best checkpoint's value if `key` chose it, else the last
+        return best_score if key == cfg.callbacks.monitor and best_score is not None else _metric(trainer, key)
+
     summary: dict[str, Any] = {
         "name": cfg.name,
-        "val_acc": best_score if best_score is not None else _metric(trainer, "val/acc"),
+        "val_acc": best_or_last("val/acc"),
         "test_acc": None,
         "epochs": int(trainer.current_epoch),
         "best_checkpoint": best_path,
@@ -113,11 +125,16 @@ def train(cfg: DictConfig) -> dict:
         "val_size": len(splits.val),
         "test_size": len(splits.test),
         "feature_cache": run.feature_cache,
+        "batch_size": int(datamodule.batch_size),  # trainer.auto_batch_size may have changed data.batch_size
         "bad_images": len(images.bad_images),
     }
+    if cfg.task == "multilabel":  # acc is the exact-match rate there; mAP is the headline
+        summary.update(task=cfg.task, val_mAP=best_or_last("val/mAP"), val_f1=best_or_last("val/f1"), test_mAP=None)
     if splits.test:
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         summary["test_acc"] = _metric(trainer, "test/acc")
+        if cfg.task == "multilabel":
+            summary["test_mAP"] = _metric(trainer, "test/mAP")
     summary["wall_time_s"] = round(time.time() - started, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)

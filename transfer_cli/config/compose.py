@@ -117,6 +117,10 @@ def check_choices(cfg: Any) -> None:
 
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if value is not None and str(value) not in allowed and str(value).lower() in allowed:
+            # `key=false` reaches a string field as "False" (Hydra parses it as a bool first): same choice.
+            OmegaConf.update(cfg, key, str(value).lower())
+            continue
         if value is not None and str(value) not in allowed:
             hint = _suggest(str(value), allowed)
             raise TransferError(

@@ -17,6 +17,7 @@ class DataConfig:
     source: str = "imagefolder"  # imagefolder | csv | elpv
     root: Optional[str] = None  # imagefolder: root/{train,val[,test]}/<class>/*.jpg, or root/<class>/*.jpg
     csv: Optional[str] = None  # csv: manifest with columns path,label[,split]; paths relative to the CSV
+    label_sep: str = ";"  # csv with task=multilabel: separates the labels of one image ("cat;dog"; empty = none)
     elpv_task: str = "binary"  # elpv: binary (defect probability >= 0.5) | four_class
     elpv_cell_type: str = "all"  # elpv: all | mono | poly
     val_fraction: float = 0.2  # used when the source has no validation split of its own
@@ -25,6 +26,9 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
     num_workers: Any = "auto"  # auto: one per available core but one, up to 8; or a number
+    decode: str = "cpu"  # cpu: workers decode and transform | gpu: workers read JPEG bytes, the GPU decodes (nvJPEG)
+    sampler: str = "shuffle"  # shuffle: each image once per epoch | balanced: classes drawn equally often
+    class_weights: str = "none"  # none | auto: the loss weights each class by its inverse train frequency
     max_bad_images: int = 10  # unreadable images skipped (and listed in the run dir) before the run fails
     # Preprocessing; None = the backbone's pretrained config (timm resolve_data_config).
     image_size: Optional[int] = None
@@ -39,46 +43,91 @@ class ModelConfig:
     backbone: str = "resnet50"  # any timm model name, e.g. convnext_tiny, vit_base_patch16_224.augreg_in21k
     pretrained: bool = True  # timm hub weights
     weights: Optional[str] = None  # a state-dict file (.pth/.pt/.bin/.safetensors/.ckpt) or a named source
+    # Feature combination: the head reads the concatenated pooled features of several backbones (model.weights
+    # then belongs to the first; the others follow model.pretrained) and/or of several feature levels of each
+    # (timm out_indices, negative from the end). Empty: the backbone's usual pooled features.
+    backbones: List[str] = field(default_factory=list)
+    feature_stages: List[int] = field(default_factory=list)
     head_hidden_dim: int = 0  # 0: a linear head; >0: Linear-ReLU-Dropout-Linear
     head_dropout: float = 0.0
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (drop_path_rate, ...)
+    drop_rate: Optional[float] = None  # timm's dropout before the classifier (None: the model's default)
+    drop_path_rate: Optional[float] = None  # timm's stochastic depth (None: the model's default)
 
 
 @dataclass
 class TransferConfig:
-    mode: str = "feature_extract"  # feature_extract | fine_tune
+    mode: str = "feature_extract"  # feature_extract | fine_tune | partial | gradual_unfreeze
+    freeze_stages: int = 0  # freeze the stem + the first N stages (timm's grouping; see audit.json), any mode
+    freeze: List[str] = field(default_factory=list)  # and parameters matching these regexes
+    # gradual_unfreeze: {epoch: stages} thawed at that epoch, e.g. {0: head, 2: [stage-1], 4: all}; a value may
+    # also be {stages: [...], lr_scale: 0.5}. Stage refs: stem, stage3, stage-1 (the last), all, head.
+    unfreeze: Any = None
+    unfreeze_every: int = 1  # gradual_unfreeze without `unfreeze`: one more stage from the top every N epochs
     backbone_lr_scale: float = 1.0  # the backbone's LR = optimizer.lr x this
+    layer_decay: Optional[float] = None  # layer-wise LR decay: the last stage x d, the one before x d^2, ...
+    bn: str = "frozen"  # frozen: BatchNorm of frozen stages in eval mode (running stats fixed) | train
     cache_features: str = "auto"  # auto | true | false: train the head on precomputed features of a frozen backbone
+    cache_views: int = 0  # >0: cache this many augmented views of each training image; epoch e uses view e % K
+    # Where cached features persist between runs, keyed by a fingerprint of everything that shapes them; null:
+    # in memory, for this run only.
+    cache_dir: Optional[str] = "${oc.env:TRANSFER_CACHE_DIR,'~/.cache/transfer'}/features"
 
 
 @dataclass
 class AugmentationConfig:
-    name: str = "light"  # none | light
+    # The preset: none | light | medium | randaugment | trivialaugment | autoaugment. The knobs below apply to
+    # every preset but none (which is the evaluation preprocessing); 0 turns a knob off.
+    name: str = "light"
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area range
     ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
-    hflip: float = 0.5
+    hflip: float = 0.5  # probabilities
     vflip: float = 0.0
+    rot90: float = 0.0  # probability of a 90/180/270 degree turn (0.75: the four orientations equally likely)
+    color_jitter: float = 0.0  # brightness, contrast and saturation strength (medium: 0.3)
+    rotation: float = 0.0  # max degrees of a random rotation (medium: 10)
+    perspective: float = 0.0  # distortion scale of a random perspective, applied half the time (medium: 0.1)
+    noise_std: float = 0.0  # Gaussian noise sigma, in [0, 1] pixel units (medium: 0.02)
+    num_ops: int = 2  # randaugment: ops per image
+    magnitude: int = 9  # randaugment: their strength, 0-30
+    random_erasing: float = 0.0  # probability of erasing a random rectangle (to the mean colour)
+    # Batch mixing (timm Mixup; images only, not cached features) and the loss's label smoothing.
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weights; 0: off
+    cutmix_alpha: float = 0.0  # 0: off; with both on, each batch picks one (switch_prob: CutMix's share)
+    mix_prob: float = 1.0  # fraction of batches mixed
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.0
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # sgd | adamw | adam | rmsprop | lamb | lion
+    timm_opt: Optional[str] = None  # any other timm optimizer (timm.optim.list_optimizers()); wins over name
     lr: float = 1e-3
     weight_decay: float = 0.05  # never applied to biases and normalization weights
-    momentum: float = 0.9  # sgd
+    momentum: float = 0.9  # sgd, rmsprop
     nesterov: bool = True  # sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
-    eps: float = 1e-8
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, adam, lamb, lion
+    eps: float = 1e-8  # adamw, adam, rmsprop, lamb
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # other optimizer arguments: +optimizer.kwargs.alpha=0.99
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | step | exponential | none
-    warmup_epochs: float = 0.0  # linear warmup from warmup_start_factor x lr, stepped per batch
+    name: str = "cosine"  # cosine | step | multistep | exponential | onecycle | plateau | constant (none: alias)
+    warmup_epochs: float = 0.0  # linear warmup from warmup_start_factor x lr, stepped per optimizer step
+    warmup_steps: int = 0  # the warmup in optimizer steps instead (set one of the two)
     warmup_start_factor: float = 0.0
-    min_lr_factor: float = 0.0  # cosine floor, as a fraction of lr
+    min_lr_factor: float = 0.0  # cosine, onecycle and plateau floor, as a fraction of lr
     step_epochs: int = 10  # step: decay every this many epochs
-    gamma: float = 0.1  # step: factor per decay; exponential: factor per epoch
+    milestones: List[int] = field(default_factory=list)  # multistep: the epochs at which the LR decays
+    gamma: float = 0.1  # step, multistep, plateau: factor per decay; exponential: factor per epoch
+    pct_start: float = 0.3  # onecycle: fraction of the run spent rising to lr (its own warmup)
+    div_factor: float = 25.0  # onecycle: starts at lr / div_factor
+    final_div_factor: float = 1e4  # onecycle: ends at lr / (div_factor x final_div_factor)
+    monitor: Optional[str] = None  # plateau: the metric watched (None: callbacks.monitor)
+    mode: Optional[str] = None  # plateau: max | min, whether the metric should rise or fall (None: callbacks.mode)
+    patience: int = 2  # plateau: epochs without improvement before the LR decays
 
 
 @dataclass
@@ -91,6 +140,7 @@ class TrainerConfig:
     deterministic: bool = False
     benchmark: Optional[bool] = None
     gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Optional[str] = None  # norm (Lightning's default) | value
     accumulate_grad_batches: int = 1
     log_every_n_steps: int = 10
     check_val_every_n_epoch: int = 1
@@ -102,6 +152,9 @@ class TrainerConfig:
     overfit_batches: float = 0.0
     num_sanity_val_steps: Optional[int] = None
     enable_progress_bar: bool = True
+    compile: bool = False  # torch.compile the network (fine-tuning; the first steps are slower while it compiles)
+    channels_last: bool = True  # NHWC images and conv weights: the fast layout of cuDNN and oneDNN convolutions
+    auto_batch_size: bool = False  # before fit, the largest data.batch_size that fits (Lightning's Tuner)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # any other pl.Trainer argument: +trainer.kwargs.X=...
 
 
@@ -118,6 +171,14 @@ class CallbacksConfig:
     save_last: bool = True
     early_stopping_patience: int = 0  # 0: off
     rich_progress: bool = True
+    ema: bool = False  # validate, test and save an exponential moving average of the weights (raw ones kept too)
+    ema_decay: float = 0.999
+
+
+@dataclass
+class EvalConfig:
+    tta: str = "none"  # test-time augmentation in validation and test: none | hflip | flips | multicrop (logits averaged)
+    multicrop_fraction: float = 0.875  # multicrop: side of the four corner crops and the centre crop
 
 
 @dataclass
@@ -129,7 +190,8 @@ class PathsConfig:
 class TrainConfig:
     name: str = "default"  # the run dir is outputs/<name>/<date>_<time>
     seed: int = 42
-    task: str = "multiclass"
+    task: str = "multiclass"  # multiclass: one class per image (softmax) | multilabel: a label set (sigmoid)
+    multilabel_threshold: float = 0.5  # multilabel: a label is predicted when its sigmoid >= this (F1, predictions)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -139,6 +201,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -147,13 +210,20 @@ CHOICES: Dict[str, List[str]] = {
     "data.source": ["imagefolder", "csv", "elpv"],
     "data.elpv_task": ["binary", "four_class"],
     "data.elpv_cell_type": ["all", "mono", "poly"],
-    "transfer.mode": ["feature_extract", "fine_tune"],
+    "transfer.mode": ["feature_extract", "fine_tune", "partial", "gradual_unfreeze"],
+    "transfer.bn": ["frozen", "train"],
     "transfer.cache_features": ["auto", "true", "false"],
-    "augmentation.name": ["none", "light"],
-    "optimizer.name": ["adamw", "sgd"],
-    "scheduler.name": ["cosine", "step", "exponential", "none"],
+    "data.decode": ["cpu", "gpu"],
+    "augmentation.name": ["none", "light", "medium", "randaugment", "trivialaugment", "autoaugment"],
+    "data.class_weights": ["none", "auto"],
+    "optimizer.name": ["sgd", "adamw", "adam", "rmsprop", "lamb", "lion"],
+    "scheduler.name": ["cosine", "step", "multistep", "exponential", "onecycle", "plateau", "constant", "none"],
+    "scheduler.mode": ["max", "min"],
+    "trainer.gradient_clip_algorithm": ["norm", "value"],
+    "data.sampler": ["shuffle", "balanced"],
+    "eval.tta": ["none", "hflip", "flips", "multicrop"],
     "callbacks.mode": ["max", "min"],
-    "task": ["multiclass"],
+    "task": ["multiclass", "multilabel"],
 }
 
 SCHEMA_NAME = "train_schema"

@@ -16,7 +16,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from transfer_cli.data.gpu_decode import DeviceDecoder, EncodedBatch, EncodedImageDataset, collate_encoded
 from transfer_cli.data.images import BadImage, ImageDataset, format_bad, scan_images
+from transfer_cli.data.samplers import train_sampler
 from transfer_cli.data.sources import SPLITS, DataSplits, Sample
 from transfer_cli.data.transforms import build_transform
 from transfer_cli.errors import TransferError
@@ -26,19 +28,37 @@ class Batch(NamedTuple):
     """What the loaders yield: a NamedTuple, so pin_memory and worker pickling keep its type."""
 
     images: torch.Tensor  # (N, 3, H, W) float32, N may be 0 when every image of the batch failed
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64 class indices; task=multilabel: (N, C) float32 multi-hot targets
     bad: List[Tuple[str, str]]  # (path, reason) of the samples dropped from this batch
 
 
-def collate_drop_bad(items: Sequence[Any], image_shape: Tuple[int, int, int]) -> Batch:
+def multi_hot(label_sets: Sequence[Sequence[int]], num_labels: int) -> torch.Tensor:
+    """(N, num_labels) float32 targets, 1.0 at each sample's label indices (a row of zeros for an empty set)."""
+    target = torch.zeros((len(label_sets), num_labels), dtype=torch.float32)
+    for row, indices in enumerate(label_sets):
+        target[row, list(indices)] = 1.0
+    return target
+
+
+def collate_drop_bad(
+    items: Sequence[Any], image_shape: Tuple[int, int, int], num_labels: Optional[int] = None
+) -> Batch:
+    """`num_labels`: None when each sample has one class index; the class count when samples carry label sets."""
     good = [it for it in items if not isinstance(it, BadImage)]
     bad = [(it.path, it.reason) for it in items if isinstance(it, BadImage)]
     if good:
         images = torch.stack([img for img, _ in good])
-        labels = torch.tensor([label for _, label in good], dtype=torch.long)
+        label_list = [label for _, label in good]
+        if num_labels is None:
+            labels = torch.tensor(label_list, dtype=torch.long)
+        else:
+            labels = multi_hot(label_list, num_labels)
     else:  # keep the shapes a model expects, so a step can check for N == 0 instead of crashing
         images = torch.empty((0, *image_shape), dtype=torch.float32)
-        labels = torch.empty((0,), dtype=torch.long)
+        if num_labels is None:
+            labels = torch.empty((0,), dtype=torch.long)
+        else:
+            labels = torch.empty((0, num_labels), dtype=torch.float32)
     return Batch(images, labels, bad)
 
 
@@ -103,6 +123,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._transforms = {aug: build_transform(self.data_config, aug_cfg, train=aug) for aug in (True, False)}
         self._bad: Dict[str, str] = {}  # path -> reason; a dict, so it is a set that keeps first-seen order
         self._samples: Optional[Dict[str, List[Sample]]] = None
+        self.device_decoder: Optional[DeviceDecoder] = None  # data.decode=gpu, switched on by decode_on()
 
     # ------------------------------------------------------------ metadata
 
@@ -149,9 +170,18 @@ class ImageDataModule(pl.LightningDataModule):
                 f"remove or repair those files, or allow more: data.max_bad_images={len(self._bad)}",
             )
 
-    def strip_bad(self, batch: Any) -> Any:
+    def decode_on(self, device: Any) -> None:
+        """data.decode=gpu: from now on the workers only read the files, and `device` decodes and transforms."""
+        self.device_decoder = DeviceDecoder(self._transforms, self.image_shape, device)
+
+    def strip_bad(self, batch: Any, device: Any = None) -> Any:
         """(images, labels) of a loader batch, recording the images it dropped. Code that iterates a loader
-        itself (outside a Trainer that has this data module) calls this on each batch."""
+        itself (outside a Trainer that has this data module) calls this on each batch. With data.decode=gpu
+        the images are decoded here, on `device` (default: the one given to decode_on)."""
+        if isinstance(batch, EncodedBatch) and self.device_decoder is not None:
+            images, labels, bad = self.device_decoder.decode(batch, device)
+            self.record_bad(bad)
+            return images, labels
         if not isinstance(batch, Batch):
             return batch
         if batch.bad:
@@ -160,7 +190,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs in the main process, where the set of bad images and the log live; workers cannot share them.
-        return self.strip_bad(batch)
+        return self.strip_bad(batch, self.trainer.strategy.root_device if self.trainer is not None else None)
 
     # ------------------------------------------------------------ setup and loaders
 
@@ -189,18 +219,32 @@ class ImageDataModule(pl.LightningDataModule):
                 f"the data set has no {split} split",
                 "add a test/ folder (or split=test rows), or set data.test_fraction=0.1",
             )
-        dataset = ImageDataset(samples, self._transforms[bool(augment)])
+        if self.device_decoder is not None:  # data.decode=gpu: file bytes, decoded in strip_bad
+            dataset: Any = EncodedImageDataset(samples)
+            collate = partial(collate_encoded, augment=bool(augment), collate_labels=partial(
+                multi_hot, num_labels=self.num_classes) if self.splits.multilabel else None)
+        else:
+            dataset = ImageDataset(samples, self._transforms[bool(augment)])
+            collate = partial(collate_drop_bad, image_shape=self.image_shape,
+                              num_labels=self.num_classes if self.splits.multilabel else None)
         workers = self.num_workers
+        batch_size = self.batch_size if augment else self.eval_batch_size  # no gradients kept when evaluating
+        # A last training batch of one image breaks BatchNorm in train mode ("expected more than 1 value per
+        # channel"): drop just that one, never a larger remainder.
+        drop_last = bool(shuffle) and batch_size > 1 and len(samples) % batch_size == 1
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if augment else self.eval_batch_size,  # no gradients kept when evaluating
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            batch_size=batch_size,
+            # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
+            sampler=train_sampler(getattr(self.data_cfg, "sampler", "shuffle"), [s[1] for s in samples], self.seed)
+            if shuffle else None,
             shuffle=False,
-            drop_last=False,
+            drop_last=drop_last,
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=partial(collate_drop_bad, image_shape=self.image_shape),
+            # Encoded batches stay in pageable memory: nvJPEG copies the compressed bytes itself.
+            pin_memory=torch.cuda.is_available() and self.device_decoder is None,
+            collate_fn=collate,
             # Worker base seeds (hence the random crops and flips) follow `seed`, independent of the sampler.
             generator=torch.Generator().manual_seed(self.seed),
         )

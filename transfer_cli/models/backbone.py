@@ -110,7 +110,11 @@ def _timm_kwargs(model_cfg: Any) -> Dict[str, Any]:
     for key in ("num_classes", "pretrained"):
         if key in kwargs:
             raise TransferError(f"model.timm_kwargs.{key} is set by transfer itself", f"~model.timm_kwargs.{key}")
-    return dict(kwargs)
+    kwargs = dict(kwargs)
+    for key in ("drop_rate", "drop_path_rate"):  # model.drop_rate / model.drop_path_rate, when set
+        if getattr(model_cfg, key, None) is not None:
+            kwargs[key] = float(getattr(model_cfg, key))
+    return kwargs
 
 
 def create_backbone(model_cfg: Any) -> torch.nn.Module:

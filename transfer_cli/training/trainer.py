@@ -13,8 +13,11 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMon
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from transfer_cli.errors import TransferError
+from transfer_cli.training.ema import EMA
 
 CHECKPOINT_DIR = "checkpoints"
+# trainer.* keys that TransferModule applies to the network, not arguments of pl.Trainer.
+MODULE_ARGS = ("compile", "channels_last")
 
 
 def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
@@ -29,6 +32,8 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     if cb.save_last:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
+    if cb.ema:
+        callbacks.append(EMA(decay=cb.ema_decay))
     if cb.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
     if cb.rich_progress and cfg.trainer.enable_progress_bar:
@@ -41,6 +46,8 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
 def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
     # The run dir already holds config.yaml when the CSV logger starts; its "not empty" warning is noise here.
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # Frozen BatchNorm (transfer.bn=frozen) is in eval mode on purpose; Lightning warns about any eval module.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # run_dir/metrics.csv
@@ -56,7 +63,13 @@ def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
 def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     extra = args.pop("kwargs", {}) or {}  # +trainer.kwargs.X: any other pl.Trainer argument
+    args.pop("auto_batch_size", None)  # ours, not a pl.Trainer argument: train() runs the Tuner
+    for key in MODULE_ARGS:
+        args.pop(key, None)
     args = {k: v for k, v in args.items() if v is not None}
+    if "benchmark" not in args and not args.get("deterministic"):
+        # Every batch has the configured input size, so cuDNN's per-shape autotuning pays for itself at once.
+        args["benchmark"] = True
     args.update(extra)
     loggers = build_loggers(cfg, run_dir)
     try:
