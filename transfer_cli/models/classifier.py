@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from transfer_cli.models.stages import backbone_stages
+
 
 class Head(nn.Module):
     """Linear, or Linear-ReLU-Dropout-Linear when a hidden width is given."""
@@ -24,20 +26,23 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-    """backbone -> head. `frozen_backbone` is set by the transfer mode; it keeps frozen BatchNorm in eval mode
-    whatever `.train()` Lightning calls, so running statistics of a frozen backbone never move."""
+    """backbone -> head. The transfer mode sets `frozen_backbone` (features without autograd) and `eval_modules`
+    (frozen BatchNorm, or the whole frozen backbone), which stay in eval mode whatever `.train()` Lightning
+    calls, so running statistics of frozen layers never move."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, hidden_dim: int = 0, dropout: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
         self.head = Head(self.num_features, num_classes, hidden_dim, dropout)
+        self.stages = backbone_stages(backbone)
         self.frozen_backbone = False
+        self.eval_modules: list[nn.Module] = []
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()
+        for module in self.eval_modules:
+            module.eval()
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from transfer_cli.models.classifier import Classifier
+from transfer_cli.training.freezing import FOREVER, stage_lr_scales, trainable_params
 
 
 def _no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
@@ -15,30 +15,28 @@ def _no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or name in skip
 
 
-def _split_decay(module: nn.Module, skip: set[str]) -> tuple[list, list]:
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        (no_decay if _no_decay(name, param, skip) else decay).append(param)
-    return decay, no_decay
-
-
 def param_groups(model: Classifier, transfer_cfg: Any, opt_cfg: Any) -> list[dict]:
-    """One group per (part of the model, decay or not), each with its own lr = optimizer.lr x lr_scale.
+    """One group per (stage, decay or not) plus the head's, each with lr = optimizer.lr x lr_scale.
 
-    A part that the transfer mode never trains gets no group. Names and scales travel in the groups so the
-    audit, the LR monitor and the tests can read them back.
+    Built once for the whole run: every stage that trains in *any* epoch (gradual unfreezing included) has its
+    group from the start, and a stage frozen for now simply has no gradients, so the optimizer (and a resumed
+    optimizer state) never changes shape. Stages that never train get no group. Names and scales travel in the
+    groups so the audit, the LR monitor and the tests can read them back.
     """
-    parts: list[tuple[str, nn.Module, float]] = [("head", model.head, 1.0)]
-    if transfer_cfg.mode != "feature_extract":
-        parts.insert(0, ("backbone", model.backbone, float(transfer_cfg.backbone_lr_scale)))
+    stages = model.stages
+    ever = trainable_params(transfer_cfg, stages, FOREVER)
+    scales = stage_lr_scales(transfer_cfg, stages)
+    named = dict(model.backbone.named_parameters())
     skip = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
+    parts = [(f"backbone.{s.name}", [(n, named[n]) for n in s.params if n in ever], scales[s.name], skip)
+             for s in stages]
+    parts.append(("head", list(model.head.named_parameters()), 1.0, set()))
     groups = []
-    for part, module, scale in parts:
-        decay, no_decay = _split_decay(module, skip if part == "backbone" else set())
-        for suffix, params, wd in (("decay", decay, opt_cfg.weight_decay), ("no_decay", no_decay, 0.0)):
-            if params:
-                groups.append(
-                    {"name": f"{part}/{suffix}", "params": params, "lr": opt_cfg.lr * scale, "lr_scale": scale,
-                     "weight_decay": wd}
-                )
+    for part, params, scale, no_wd in parts:
+        decay = [p for n, p in params if not _no_decay(n, p, no_wd)]
+        no_decay = [p for n, p in params if _no_decay(n, p, no_wd)]
+        for suffix, chosen, wd in (("decay", decay, opt_cfg.weight_decay), ("no_decay", no_decay, 0.0)):
+            if chosen:
+                groups.append({"name": f"{part}/{suffix}", "params": chosen, "lr": opt_cfg.lr * scale,
+                               "lr_scale": scale, "weight_decay": wd})
     return groups

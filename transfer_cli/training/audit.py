@@ -1,0 +1,115 @@
+"""Pre-flight audit: what trains, at which LR, with which BatchNorm mode, per stage; and a consistency check.
+
+The check guards against the classic silent failures of transfer learning: a parameter that should train but
+sits in no optimizer group (it never moves), one that is frozen by the config but still has requires_grad
+(it moves when it should not), or one that sits in two groups.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Set
+
+import torch
+from torch import nn
+
+from transfer_cli.errors import TransferError
+
+_MAX_LISTED = 8
+
+
+def _names(params: List[str]) -> str:
+    more = f" ... and {len(params) - _MAX_LISTED} more" if len(params) > _MAX_LISTED else ""
+    return ", ".join(params[:_MAX_LISTED]) + more
+
+
+def check_consistency(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: Set[str]) -> None:
+    """Raise naming the parameters if requires_grad or optimizer membership disagree with `trainable`
+    (backbone parameter names that the config says train now; the head always trains)."""
+    owner: Dict[int, List[str]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            owner.setdefault(id(p), []).append(group.get("name", "?"))
+    problems = []
+    named = [(f"backbone.{n}", n in trainable, p) for n, p in model.backbone.named_parameters()]
+    named += [(f"head.{n}", True, p) for n, p in model.head.named_parameters()]
+    should_not = [n for n, expected, p in named if p.requires_grad and not expected]
+    should = [n for n, expected, p in named if expected and not p.requires_grad]
+    orphans = [n for n, _, p in named if p.requires_grad and id(p) not in owner]
+    doubled = [n for n, _, p in named if len(owner.get(id(p), [])) > 1]
+    if should_not:
+        problems.append(f"frozen by the config but requires_grad=True: {_names(should_not)}")
+    if should:
+        problems.append(f"trainable by the config but requires_grad=False: {_names(should)}")
+    if orphans:
+        problems.append(f"trainable but in no optimizer group (they would never move): {_names(orphans)}")
+    if doubled:
+        problems.append(f"in more than one optimizer group: {_names(doubled)}")
+    if problems:
+        raise TransferError(
+            "audit failed: the freeze state and the optimizer disagree; " + "; ".join(problems),
+            "something outside the transfer config changed requires_grad or the optimizer; set freezing only "
+            "through transfer.* (mode, freeze_stages, freeze, unfreeze) and report this if it persists",
+        )
+
+
+def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """One row per stage (and the head): parameter counts, group LRs/weight decay, BatchNorm mode."""
+    group_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            group_of[id(p)] = group
+    named = dict(model.backbone.named_parameters())
+    modules = dict(model.backbone.named_modules())
+    rows = []
+    sections = [(s.name, [named[n] for n in s.params], _bn_modes(s.params, modules)) for s in model.stages]
+    sections.append(("head", list(model.head.parameters()), []))
+    for name, params, bn_modes in sections:
+        groups = [group_of[id(p)] for p in params if id(p) in group_of]
+        rows.append({
+            "stage": name,
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "frozen": sum(p.numel() for p in params if not p.requires_grad),
+            "lr": sorted({float(g["lr"]) for g in groups}),
+            "weight_decay": sorted({float(g["weight_decay"]) for g in groups}),
+            "groups": sorted({g.get("name", "?") for g in groups}),
+            "bn": "/".join(sorted(set(bn_modes))) or "-",
+        })
+    return rows
+
+
+def _bn_modes(params: List[str], modules: Dict[str, nn.Module]) -> List[str]:
+    owners = {n.rpartition(".")[0] for n in params}
+    return [
+        "train" if modules[o].training else "eval"
+        for o in owners
+        if o in modules and isinstance(modules[o], nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def print_audit(rows: List[Dict[str, Any]], epoch: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"transfer audit (epoch {epoch})", title_justify="left")
+    for column in ("stage", "trainable", "frozen", "lr", "weight decay", "BN"):
+        table.add_column(column, justify="right" if column in ("trainable", "frozen") else "left")
+    for r in rows:
+        table.add_row(r["stage"], f"{r['trainable']:,}", f"{r['frozen']:,}",
+                      ", ".join(f"{v:.3g}" for v in r["lr"]) or "-",
+                      ", ".join(f"{v:.3g}" for v in r["weight_decay"]) or "-", r["bn"])
+    Console().print(table)
+
+
+def write_audit(path: Path, entry: Dict[str, Any]) -> None:
+    """Append this check (fit start, or an unfreeze milestone) to audit.json."""
+    history = []
+    if path.is_file():
+        try:
+            history = json.loads(path.read_text())["checks"]
+        except (ValueError, KeyError, TypeError):
+            history = []
+    history.append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"checks": history}, indent=2) + "\n")
