@@ -1,7 +1,8 @@
 """The `csv` data source: a manifest of image paths and labels, optionally with a split column.
 
 A manifest suits data sets whose files are not arranged by class (exports from labelling tools, several
-labellings of one image pool); each problem is reported with the CSV line that causes it.
+labellings of one image pool); each problem is reported with the CSV line that causes it. With task=multilabel
+the label column holds a label set, "cat;dog" (data.label_sep), and an empty label means an image with none.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from transfer_cli.data.sources import SPLIT_ALIASES, SPLITS, DataSplits, Sample, split_fractions, split_samples
 from transfer_cli.errors import TransferError
 
 
-def from_csv(data_cfg: Any) -> DataSplits:
+def from_csv(data_cfg: Any, task: str = "multiclass") -> DataSplits:
     """Samples listed in the data.csv manifest (header path,label[,split])."""
+    multilabel = task == "multilabel"
     if not data_cfg.csv:
         raise TransferError("data.csv is not set", "point it at the manifest: data.csv=/path/to/labels.csv")
     path = Path(os.path.expanduser(str(data_cfg.csv))).resolve()
@@ -37,7 +39,7 @@ def from_csv(data_cfg: Any) -> DataSplits:
         for line, row in enumerate(reader, start=2):  # line 1 is the header
             img = (row.get(header["path"]) or "").strip()
             label = (row.get(header["label"]) or "").strip()
-            if not img or not label:
+            if not img or not (label or multilabel):  # an empty label set is a valid multi-label answer
                 raise TransferError(f"{path} line {line}: empty path or label", "give every row a path and a label")
             split = "train"
             if has_split:
@@ -60,6 +62,8 @@ def from_csv(data_cfg: Any) -> DataSplits:
         )
     if not rows:
         raise TransferError(f"{path} lists no images", "add rows: path,label[,split]")
+    if multilabel:
+        return _label_sets(rows, has_split, data_cfg, path)
     class_names = sorted({r[1] for r in rows})
     c2i = {c: i for i, c in enumerate(class_names)}
     if not has_split:
@@ -79,6 +83,40 @@ def from_csv(data_cfg: Any) -> DataSplits:
     for p, lab, s in rows:
         by_split[s].append((p, c2i[lab]))
     return DataSplits(class_names, by_split["train"], by_split["val"], by_split["test"], f"csv {path}")
+
+
+def _label_sets(rows: List[Tuple[str, str, str]], has_split: bool, data_cfg: Any, path: Path) -> DataSplits:
+    """task=multilabel: each row's label column as a set of labels; the classes are their union."""
+    sep = str(data_cfg.label_sep)
+    if not sep:
+        raise TransferError("data.label_sep is empty", "set the character between labels: data.label_sep=';'")
+    sets = [(p, {lab.strip() for lab in text.split(sep)} - {""}, s) for p, text, s in rows]
+    trained = {lab for _, labels, s in sets if s == "train" for lab in labels}
+    extra = sorted({lab for _, labels, s in sets if s != "train" for lab in labels} - trained)
+    if has_split and extra:
+        raise TransferError(
+            f"{path}: labels {', '.join(extra)} appear in val/test rows but never in train",
+            "add training rows for them or drop those labels",
+        )
+    class_names = sorted(trained) if has_split else sorted(trained | set(extra))
+    c2i = {c: i for i, c in enumerate(class_names)}
+    samples = [(p, tuple(sorted(c2i[lab] for lab in labels)), s) for p, labels, s in sets]
+    unlabelled = sum(1 for _, labels, _ in samples if not labels)
+    desc = (
+        f"csv {path} (multi-label, labels separated by {sep!r}; "
+        f"{unlabelled} image(s) with an empty label, i.e. none of the labels"
+    )
+    if has_split:
+        by_split: Dict[str, List[Sample]] = {s: [] for s in SPLITS}
+        for p, labels, s in samples:
+            by_split[s].append((p, labels))
+        parts = [by_split[s] for s in SPLITS]
+        desc += ")"
+    else:
+        fractions = split_fractions(data_cfg, True)
+        parts = split_samples([(p, labels) for p, labels, _ in samples], fractions, int(data_cfg.split_seed), True)
+        desc += f"; split by split_seed={data_cfg.split_seed})"
+    return DataSplits(class_names, *parts, source_desc=desc, multilabel=True)
 
 
 __all__ = ["from_csv"]

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
 from transfer_cli.errors import TransferError
 
-Sample = Tuple[str, int]  # (image path, class index)
+# (image path, class index); with task=multilabel (image path, tuple of the indices of its labels, maybe empty)
+Sample = Tuple[str, Union[int, Tuple[int, ...]]]
 
 # torchvision's IMG_EXTENSIONS, copied so discovery does not import torchvision.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -30,12 +31,14 @@ class DataSplits:
     val: List[Sample]
     test: List[Sample] = field(default_factory=list)
     source_desc: str = ""
+    multilabel: bool = False  # samples carry label sets (tuples of class indices) instead of one class index
 
     def counts(self, split: str) -> List[int]:
-        """Samples per class in one split, for summaries."""
+        """Samples per class in one split (with label sets: the samples that hold each label), for summaries."""
         out = [0] * len(self.class_names)
         for _, label in getattr(self, split):
-            out[label] += 1
+            for index in label if self.multilabel else (label,):
+                out[index] += 1
         return out
 
 
@@ -78,21 +81,53 @@ def _allocate(n: int, fr: np.ndarray) -> List[int]:
     return counts.tolist()
 
 
-def discover(data_cfg: Any) -> DataSplits:
+def multilabel_split(label_sets: Sequence[Sequence[int]], fractions: Sequence[float], seed: int) -> List[List[int]]:
+    """Indices of each part for samples with label sets, which cannot be stratified class by class.
+
+    A seeded random split with the sizes stratified_split would give; then every label that only val/test hold
+    moves one of its samples into train (while that part keeps at least one), so no label goes untrained.
+    """
+    fr = np.asarray(fractions, dtype=float)
+    if fr.ndim != 1 or len(fr) == 0 or (fr < 0).any() or fr.sum() <= 0:
+        raise ValueError(f"fractions must be non-negative with a positive sum, got {list(fractions)}")
+    order = np.random.default_rng(seed).permutation(len(label_sets)).tolist()
+    parts: List[List[int]] = []
+    start = 0
+    for count in _allocate(len(order), fr / fr.sum()):
+        parts.append(order[start : start + count])
+        start += count
+    trained = {label for i in parts[0] for label in label_sets[i]}
+    for part in parts[1:]:
+        for i in list(part):
+            missing = set(label_sets[i]) - trained
+            if missing and len(part) > 1:
+                part.remove(i)
+                parts[0].append(i)
+                trained |= missing
+    return [sorted(p) for p in parts]
+
+
+def discover(data_cfg: Any, task: str = "multiclass") -> DataSplits:
     """The samples named by `data_cfg` (a DataConfig or its OmegaConf node), split into train/val[/test].
 
     Splits that the source does not define are drawn with `data.split_seed`, never the training seed, so runs
-    with different seeds are compared on the same validation set.
+    with different seeds are compared on the same validation set. task=multilabel reads label sets, which
+    only a CSV manifest can express.
     """
     # Imported here: those modules build on the helpers below, and a source costs nothing until it is chosen.
     from transfer_cli.data.elpv import from_elpv
     from transfer_cli.data.manifest import from_csv
 
     source = data_cfg.source
+    if task == "multilabel" and source != "csv":
+        raise TransferError(
+            f"task=multilabel needs several labels per image, but data.source={source} gives each image one class",
+            "list the images in a CSV with labels such as cat;dog: data=csv data.csv=/path/to/labels.csv",
+        )
     if source == "imagefolder":
         splits = _from_imagefolder(data_cfg)
     elif source == "csv":
-        splits = from_csv(data_cfg)
+        splits = from_csv(data_cfg, task)
     elif source == "elpv":
         splits = from_elpv(data_cfg)
     else:
@@ -128,8 +163,11 @@ def split_fractions(data_cfg: Any, with_test: bool) -> List[float]:
     return [1.0 - val - test, val, test]
 
 
-def split_samples(samples: List[Sample], fractions: List[float], seed: int) -> List[List[Sample]]:
-    parts = stratified_split([s[1] for s in samples], fractions, seed)
+def split_samples(
+    samples: List[Sample], fractions: List[float], seed: int, multilabel: bool = False
+) -> List[List[Sample]]:
+    split = multilabel_split if multilabel else stratified_split
+    parts = split([s[1] for s in samples], fractions, seed)
     return [[samples[i] for i in part] for part in parts]
 
 
@@ -206,4 +244,4 @@ def _from_imagefolder(data_cfg: Any) -> DataSplits:
     return DataSplits(class_names, train, val, test, f"imagefolder {root} ({layout})")
 
 
-__all__ = ["Sample", "DataSplits", "discover", "stratified_split", "IMG_EXTENSIONS", "SPLITS"]
+__all__ = ["Sample", "DataSplits", "discover", "stratified_split", "multilabel_split", "IMG_EXTENSIONS", "SPLITS"]

@@ -1,19 +1,98 @@
-"""The metrics of each stage (train/val/test), by task, as torchmetrics collections logged as `<stage>/<name>`."""
+"""The metrics of each stage (train/val/test), by task, as torchmetrics collections logged as `<stage>/<name>`.
+
+multiclass: acc (top-1). multilabel: mAP (macro average precision, val/test only), f1 (macro) and f1_micro at
+`multilabel_threshold`, and acc = exact match (the whole label set right), so a val/acc monitor works for both.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import torch
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+)
+
+from transfer_cli.errors import TransferError
 
 STAGES = ("train", "val", "test")
 
 
+def multilabel_threshold(cfg: Any) -> float:
+    threshold = float(cfg.multilabel_threshold)
+    if not 0.0 < threshold < 1.0:
+        raise TransferError(
+            f"multilabel_threshold={threshold} is not a probability strictly between 0 and 1",
+            "predict a label when its sigmoid reaches e.g. multilabel_threshold=0.5",
+        )
+    return threshold
+
+
+class PresentLabelsAveragePrecision(MultilabelAveragePrecision):
+    """Average precision per label, averaged over the labels that have a positive in the data seen.
+
+    AP is undefined for a label without positives and torchmetrics scores it 0, so a validation split that
+    happens to miss a rare label would lower mAP for a reason that has nothing to do with the model.
+    """
+
+    def __init__(self, num_labels: int):
+        super().__init__(num_labels=num_labels, average=None)
+        self.add_state("positives", default=torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(preds, target)
+        self.positives += target.sum(0).long()
+
+    def compute(self) -> torch.Tensor:
+        with warnings.catch_warnings():  # the labels it warns about are the ones left out below
+            warnings.filterwarnings("ignore", message="No positive samples found in target")
+            per_label = super().compute()
+        present = self.positives > 0
+        return per_label[present].mean() if present.any() else torch.tensor(float("nan"))
+
+
+class LabelSetMetrics(MetricCollection):
+    """Multi-label metrics, fed with logits and multi-hot targets like the criterion.
+
+    Probabilities are taken here: torchmetrics applies the sigmoid only when some value lies outside [0, 1],
+    which would let the F1 threshold mean different things from batch to batch. Targets become hard 0/1 labels:
+    average precision takes nothing else, and soft targets (smoothing, mixing) count as the labels they hold
+    at 0.5 or more.
+    """
+
+    @staticmethod
+    def _prepare(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return logits.float().sigmoid(), (target >= 0.5).long()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+        return super().forward(*self._prepare(logits, target))
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(*self._prepare(logits, target))
+
+
 def stage_metrics(cfg: Any, num_classes: int, stage: str) -> MetricCollection:
-    metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")}
-    return MetricCollection(metrics, prefix=f"{stage}/")
+    if cfg.task != "multilabel":
+        metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")}
+        return MetricCollection(metrics, prefix=f"{stage}/")
+    threshold = multilabel_threshold(cfg)
+    # zero_division=1: a label that is neither present nor predicted was handled perfectly, not failed.
+    f1 = {"num_labels": num_classes, "threshold": threshold, "zero_division": 1.0}
+    label_metrics: dict[str, Any] = {
+        "acc": MultilabelExactMatch(num_labels=num_classes, threshold=threshold),
+        "f1": MultilabelF1Score(average="macro", **f1),
+        "f1_micro": MultilabelF1Score(average="micro", **f1),
+    }
+    # Exact AP keeps every score of the epoch; train scores come from augmented images anyway, so train skips it.
+    if stage != "train":
+        label_metrics["mAP"] = PresentLabelsAveragePrecision(num_labels=num_classes)
+    return LabelSetMetrics(label_metrics, prefix=f"{stage}/")
 
 
 def build_metrics(cfg: Any, num_classes: int) -> nn.ModuleDict:
