@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
+from transfer_cli.data.augment import PRESETS, augmented_transform
 from transfer_cli.errors import TransferError
 
 _INTERPOLATIONS = {
@@ -23,7 +24,6 @@ _INTERPOLATIONS = {
     "box": InterpolationMode.BOX,
     "hamming": InterpolationMode.HAMMING,
 }
-AUGMENTATIONS = ("none", "light")
 
 
 def interpolation_mode(name: Any) -> InterpolationMode:
@@ -72,31 +72,21 @@ def eval_transform(data_config: Mapping[str, Any]) -> v2.Compose:
 
 
 def train_transform(data_config: Mapping[str, Any], aug_cfg: Any) -> v2.Compose:
-    """Light augmentation: random resized crop and flips; photometric jitter is left out on purpose, since
-    colour and brightness often carry the label in the inspection data sets this tool targets."""
-    h, w = _size_hw(data_config)
-    interp = interpolation_mode(data_config.get("interpolation", "bilinear"))
-    ops = [
-        v2.RandomResizedCrop(
-            (h, w),
-            scale=tuple(float(s) for s in aug_cfg.scale),
-            ratio=tuple(float(r) for r in aug_cfg.ratio),
-            interpolation=interp,
-            antialias=True,
-        )
-    ]
-    if float(aug_cfg.hflip) > 0:
-        ops.append(v2.RandomHorizontalFlip(float(aug_cfg.hflip)))
-    if float(aug_cfg.vflip) > 0:
-        ops.append(v2.RandomVerticalFlip(float(aug_cfg.vflip)))
-    return v2.Compose(ops + _to_tensor_and_normalize(data_config))
+    """The augmentation preset `aug_cfg.name` (data/augment.py) at the backbone's input size and normalization."""
+    return augmented_transform(
+        aug_cfg,
+        _size_hw(data_config),
+        interpolation_mode(data_config.get("interpolation", "bilinear")),
+        mean=data_config["mean"],
+        std=data_config["std"],
+    )
 
 
 def build_transform(data_config: Mapping[str, Any], aug_cfg: Any, train: bool) -> v2.Compose:
-    """PIL RGB image -> normalized float32 tensor (3, H, W); train=True applies `aug_cfg` (name none|light)."""
+    """PIL RGB image -> normalized float32 tensor (3, H, W); train=True applies the preset `aug_cfg.name`."""
     name = getattr(aug_cfg, "name", "none") if aug_cfg is not None else "none"
-    if name not in AUGMENTATIONS:
-        raise TransferError(f"unknown augmentation '{name}'", f"use augmentation={'|'.join(AUGMENTATIONS)}")
+    if name not in PRESETS:
+        raise TransferError(f"unknown augmentation '{name}'", f"use augmentation={'|'.join(PRESETS)}")
     if not train or name == "none":
         return eval_transform(data_config)
     return train_transform(data_config, aug_cfg)

@@ -1,0 +1,145 @@
+"""Lightning's tuners on the configured run: `transfer lr-find` and trainer.auto_batch_size=true.
+
+The LR range test trains from the run's starting weights for `num_training` steps while the LR grows
+exponentially from min_lr to max_lr, then restores the weights; the suggestion is the LR where the loss fell
+fastest. Lightning's finder drives every parameter group at the same LR, so with transfer.backbone_lr_scale or
+layer_decay the suggestion is the head's LR (optimizer.lr), and the backbone keeps its scale of it in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.errors import TransferError
+
+log = logging.getLogger("transfer_cli")
+
+PLOT_NAME = "lr_find.png"
+RESULT_NAME = "lr_find.json"
+
+
+@dataclass
+class FinderOptions:
+    """`transfer lr-find` arguments that are not config overrides."""
+
+    output: str | None = None  # default: outputs/lr_find/<date>_<time>
+    min_lr: float = 1e-7
+    max_lr: float = 1.0
+    num_training: int = 100
+
+
+_PARSE = {"output": str, "min_lr": float, "max_lr": float, "num_training": int}
+
+
+def split_options(args: list[str]) -> tuple[FinderOptions, list[str]]:
+    """(the finder's own key=value options, the config overrides)."""
+    options = FinderOptions()
+    overrides = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in _PARSE:
+            try:
+                setattr(options, key, _PARSE[key](value))
+            except ValueError:
+                raise TransferError(f"{arg}: {key} takes a number", f"e.g. {key}={getattr(FinderOptions(), key)}")
+        else:
+            overrides.append(arg)
+    if not 0 < options.min_lr < options.max_lr:
+        raise TransferError(f"min_lr={options.min_lr} and max_lr={options.max_lr} make no range",
+                            "0 < min_lr < max_lr, e.g. min_lr=1e-7 max_lr=1")
+    if options.num_training < 2:
+        raise TransferError(f"num_training={options.num_training} is too few steps", "num_training=100")
+    return options, overrides
+
+
+@dataclass
+class LRFindResult:
+    suggestion: float | None
+    lrs: list[float]
+    losses: list[float]
+    plot: Path
+    result: Path
+
+    @property
+    def override(self) -> str | None:
+        return None if self.suggestion is None else f"optimizer.lr={self.suggestion:.3g}"
+
+
+def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
+    """Lightning's Tuner.lr_find on build_run(cfg): writes lr_find.png (loss vs LR) and lr_find.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from omegaconf import OmegaConf
+    from pytorch_lightning.tuner import Tuner
+
+    from transfer_cli.train import build_run
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.paths.output_dir = str(out_dir)
+    cfg.logger.csv = cfg.logger.tensorboard = False  # the finder's curve goes to lr_find.json instead
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    run = build_run(cfg, out_dir)
+    trainer = run.trainer
+    # Only training losses matter: enough epochs for num_training steps on a small data set, no validation.
+    trainer.fit_loop.max_epochs = max(trainer.max_epochs or 1, options.num_training)
+    trainer.check_val_every_n_epoch = options.num_training + 1
+    trainer.num_sanity_val_steps = 0
+    finder = Tuner(trainer).lr_find(
+        run.module, datamodule=run.datamodule, min_lr=options.min_lr, max_lr=options.max_lr,
+        num_training=options.num_training, update_attr=False,
+    )
+    if finder is None:
+        raise TransferError("the LR finder does not run with trainer.fast_dev_run", "drop debug=fast_dev_run")
+    suggestion = finder.suggestion()
+    if suggestion is not None and not math.isfinite(suggestion):
+        suggestion = None
+    fig = finder.plot(suggest=True)
+    ax = fig.axes[0]
+    ax.set_title(f"LR range test: {cfg.model.backbone}, {cfg.optimizer.name}"
+                 + (f", suggested lr {suggestion:.3g}" if suggestion is not None else ", no suggestion"))
+    fig.savefig(out_dir / PLOT_NAME, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    lrs = [float(v) for v in finder.results["lr"]]
+    losses = [float(v) for v in finder.results["loss"]]
+    result = LRFindResult(suggestion, lrs, losses, out_dir / PLOT_NAME, out_dir / RESULT_NAME)
+    payload = {"suggestion": suggestion, "override": result.override, "lr": lrs, "loss": losses,
+               "min_lr": options.min_lr, "max_lr": options.max_lr, "num_training": options.num_training}
+    result.result.write_text(json.dumps(payload, indent=2) + "\n")
+    return result
+
+
+def lr_find_command(args: list[str]) -> None:
+    from transfer_cli.config.compose import compose
+
+    options, overrides = split_options(args)
+    cfg = compose(overrides)  # checks the overrides first, with did-you-mean
+    out_dir = Path(options.output or Path("outputs") / "lr_find" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    result = find_lr(cfg, out_dir.expanduser().resolve(), options)
+    print(f"loss vs learning rate: {result.plot}")
+    if result.override is None:
+        print("no suggestion: too few finite losses (more data, or a larger num_training / max_lr range)")
+        return
+    print(f"suggested learning rate: {result.suggestion:.3g}")
+    print(f"use it with: transfer train {' '.join(overrides + [result.override])}".rstrip())
+
+
+def scale_batch_size(run: Any, cfg: Any) -> int:
+    """trainer.auto_batch_size: Lightning's Tuner doubles data.batch_size until a step runs out of memory (or
+    the batch holds the whole training set), and the run continues with the largest that fit."""
+    from pytorch_lightning.tuner import Tuner
+
+    found = Tuner(run.trainer).scale_batch_size(run.module, datamodule=run.datamodule, mode="power")
+    if found is None:  # fast_dev_run: Lightning skips the search
+        return int(run.datamodule.batch_size)
+    if cfg.data.eval_batch_size is None:  # the default evaluation batch follows the training batch
+        run.datamodule.eval_batch_size = 2 * found
+    log.info("auto batch size: data.batch_size=%d", found)
+    return int(found)

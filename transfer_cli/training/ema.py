@@ -1,0 +1,40 @@
+"""callbacks.ema: an exponential moving average of the weights, from Lightning's own EMAWeightAveraging.
+
+Lightning's callback keeps the average in a torch AveragedModel updated after every optimizer step, swaps it in
+for each validation (so checkpoint selection and early stopping judge the EMA weights), and copies it into the
+model when training ends. Checkpoints hold both, as plain tensors: `state_dict` the EMA weights (what evaluation
+and export load), `current_model_state` the raw ones, `averaging_state` the update count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.trainer.states import TrainerFn
+
+RAW_WEIGHTS_KEY = "current_model_state"  # Lightning's name for the raw weights inside a checkpoint
+
+
+class EMA(EMAWeightAveraging):
+    """EMAWeightAveraging with two changes for how `transfer` runs: the average lives on the training device,
+    and testing a checkpoint tests its EMA weights."""
+
+    def __init__(self, decay: float):
+        super().__init__(decay=decay)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning builds the average before the model moves to the accelerator; by default it would stay on the
+        # CPU and every update would copy the weights across.
+        if self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning's callback restores the raw weights into the model whenever a checkpoint has them, which is
+        # right for resuming a fit but would make `trainer.test(ckpt_path=best)` after fit test the raw weights.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
