@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Throughput of transfer's training paths next to hand-written baselines, in one process; prints a table and
+writes JSON. A benchmark, not a test: the numbers depend on the machine.
+
+  (a) img/s of a minimal PyTorch loop vs transfer's LightningModule in its Trainer (progress bar and CSV
+      logging on, as in a real run), on synthetic batches already on the device -> ratio
+  (b) the same with torch.compile (trainer.compile=true) -> speed-up over eager
+  (c) a feature-extraction run of --cache-epochs epochs with the feature cache vs recomputing the backbone
+      every epoch -> wall-time ratio (cold cache: the one backbone pass is included)
+  (d) data pipeline img/s: CPU decode with N workers vs device decode (data.decode=gpu), and end-to-end
+      fine-tuning img/s on a generated JPEG folder vs the synthetic-data ceiling of (a)
+
+  python scripts/benchmark.py --device cuda                      # resnet50, 224 px, batch 256, bf16-mixed
+  python scripts/benchmark.py --device cpu --tiny --out b.json   # a smoke run in well under a minute
+
+Targets (H100, resnet50, batch 256, bf16): (a) >= 0.98, (b) >= 1.35x, (c) >= 6x, (d) >= 0.9x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pytorch_lightning.callbacks import Callback
+
+from transfer_cli.config.compose import compose
+from transfer_cli.train import build_run, train
+
+TARGETS = {"a_eager": 0.98, "b_compile": 1.35, "c_feature_cache": 6.0, "d_data": 0.9}
+CUDA_DEFAULTS = dict(model="resnet50", image_size=224, batch_size=256, precision="bf16-mixed", warmup=10, steps=50,
+                     images=8192, source_size=(500, 375), workers="auto", cache_epochs=10, sections="a,b,c,d",
+                     threads=0)
+TINY_DEFAULTS = dict(model="test_resnet", image_size=32, batch_size=8, precision="32-true", warmup=2, steps=4,
+                     images=48, source_size=(64, 48), workers=0, cache_epochs=10, sections="a,c,d", threads=1)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="the tiny-model defaults (default with --device cpu)")
+    p.add_argument("--model", help="timm backbone (random init: throughput does not depend on the weights)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", help="trainer.precision: 32-true | bf16-mixed | 16-mixed")
+    p.add_argument("--warmup", type=int, help="untimed steps first (compilation, cuDNN autotuning, workers)")
+    p.add_argument("--steps", type=int, help="timed steps of (a) and (b)")
+    p.add_argument("--images", type=int, help="JPEGs in the generated folder of (c) and (d)")
+    p.add_argument("--workers", help="data.num_workers for (c) and (d): a number or auto")
+    p.add_argument("--cache-epochs", type=int, help="epochs of the feature-extraction runs of (c)")
+    p.add_argument("--sections", help="which of a,b,c,d to run (b compiles: minutes on a CPU)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default); the tiny run uses 1, "
+                   "since on a small shared machine oversubscribed OpenMP threads make every number noise")
+    p.add_argument("--work-dir", help="where the JPEG folder, caches and run dirs go (default: a temp dir)")
+    p.add_argument("--out", default="benchmark.json", help="the JSON results")
+    args = p.parse_args(argv)
+    defaults = TINY_DEFAULTS if (args.tiny or args.device == "cpu") else CUDA_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use --device cpu for a smoke run)")
+    args.sections = [s.strip() for s in str(args.sections).split(",") if s.strip()]
+    return args
+
+
+# ---------------------------------------------------------------- data and configs
+
+
+def _write_jpeg(job: tuple) -> None:
+    path, seed, size = job
+    rng = np.random.default_rng(seed)
+    # Smooth colour fields with a little grain compress like photos (tens of KB), unlike pure noise.
+    small = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), "RGB").resize(size, Image.BICUBIC)
+    arr = np.asarray(small, dtype=np.int16) + rng.integers(-8, 9, (size[1], size[0], 3), dtype=np.int16)
+    Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB").save(path, "JPEG", quality=90)
+
+
+def make_jpeg_folder(root: Path, count: int, size: tuple, classes: int = 4) -> Path:
+    jobs = []
+    for i in range(count):
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(folder / f"{i:06d}.jpg"), i, tuple(size)))
+    if count >= 256:
+        with Pool(min(16, os.cpu_count() or 1)) as pool:
+            pool.map(_write_jpeg, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _write_jpeg(job)
+    return root
+
+
+def run_cfg(args: argparse.Namespace, root: Path, run_dir: Path, *overrides: str) -> Any:
+    """transfer's config for this benchmark, as `transfer train` would compose it."""
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    return compose([
+        "~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={args.model}",
+        "model.pretrained=false", f"trainer.accelerator={accelerator}", "trainer.devices=1",
+        f"trainer.precision={args.precision}", f"data.batch_size={args.batch_size}",
+        f"data.image_size={args.image_size}", f"data.num_workers={args.workers}", "data.val_fraction=0.1",
+        "logger=csv", "callbacks.rich_progress=true", "trainer.enable_progress_bar=true",
+        "trainer.num_sanity_val_steps=0", f"paths.output_dir={run_dir}", *overrides,
+    ])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Free the previous measurement's trainer, optimizer state and activations before the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class SyntheticBatches:
+    """`length` batches of one fixed (images, labels) pair, already on the device: no data cost at all."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, length: int):
+        self.images, self.labels, self.length = images, labels, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter([(self.images, self.labels)] * self.length)
+
+
+class StepTimer(Callback):
+    """img/s of the training batches after the first `warmup` of the first epoch (GPU work included)."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.start: Optional[float] = None
+        self.elapsed = 0.0
+        self.images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is None or trainer.current_epoch != 0:
+            return
+        self.images += len(batch[1])
+        if batch_idx == trainer.num_training_batches - 1:
+            sync(self.device)
+            self.elapsed = time.perf_counter() - self.start
+
+    @property
+    def img_s(self) -> Optional[float]:
+        return self.images / self.elapsed if self.elapsed > 0 else None
+
+
+# ---------------------------------------------------------------- (a) and (b): training-loop overhead
+
+
+def raw_loop_img_s(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, args, device) -> float:
+    """A minimal hand-written loop: autocast forward, cross-entropy, backward, AdamW step."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.steps * len(y) / (time.perf_counter() - start)
+
+
+def tool_img_s(args, root: Path, work: Path, name: str, device, *overrides: str) -> tuple[float, Any]:
+    """transfer's TransferModule in its Trainer on synthetic batches; also returns its (untrained) model copy."""
+    cfg = run_cfg(args, root, work / name, "transfer=fine_tune", "augmentation=none", "trainer.max_epochs=1",
+                  "callbacks.monitor=train/loss_epoch", "callbacks.mode=min", *overrides)
+    (work / name).mkdir(parents=True, exist_ok=True)
+    run = build_run(cfg, work / name)
+    pristine = copy.deepcopy(run.model) if not cfg.trainer.compile else None
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, len(run.splits.class_names), (args.batch_size,), device=device)
+    timer = StepTimer(args.warmup, device)
+    run.trainer.callbacks.append(timer)
+    run.trainer.fit(run.module, train_dataloaders=SyntheticBatches(x, y, args.warmup + args.steps),
+                    val_dataloaders=SyntheticBatches(x, y, 1))
+    del run
+    release(device)
+    return timer.img_s, (pristine, x, y)
+
+
+def section_ab(args, root: Path, work: Path, device, compiled: bool) -> Dict[str, Any]:
+    eager_tool, (model, x, y) = tool_img_s(args, root, work, "a_tool", device)
+    raw = raw_loop_img_s(model.to(device), x, y, args, device)
+    # Not part of the target: how much of the gap is the progress bar, whose refresh reads (syncs) metrics.
+    quiet, _ = tool_img_s(args, root, work, "a_tool_quiet", device, "trainer.enable_progress_bar=false")
+    out: Dict[str, Any] = {"a_eager": {"raw_img_s": raw, "tool_img_s": eager_tool, "ratio": eager_tool / raw,
+                                       "tool_no_progress_bar_img_s": quiet, "target": TARGETS["a_eager"]}}
+    if compiled:
+        compiled_model = copy.deepcopy(model)
+        compiled_model.compile()
+        raw_c = raw_loop_img_s(compiled_model, x, y, args, device)
+        tool_c, _ = tool_img_s(args, root, work, "b_tool", device, "trainer.compile=true")
+        out["b_compile"] = {"raw_img_s": raw_c, "tool_img_s": tool_c, "speedup_vs_eager": tool_c / eager_tool,
+                            "ratio_vs_raw": tool_c / raw_c, "target": TARGETS["b_compile"]}
+    del model
+    return out
+
+
+# ---------------------------------------------------------------- (c): feature cache
+
+
+def timed_train(cfg) -> float:
+    start = time.perf_counter()
+    train(cfg)
+    return time.perf_counter() - start
+
+
+def section_c(args, root: Path, work: Path) -> Dict[str, Any]:
+    common = ["transfer=feature_extract", "augmentation=none", f"trainer.max_epochs={args.cache_epochs}",
+              f"transfer.cache_dir={work / 'feature_cache'}"]
+    recompute = timed_train(run_cfg(args, root, work / "c_recompute", *common, "transfer.cache_features=false"))
+    cold = timed_train(run_cfg(args, root, work / "c_cached", *common, "transfer.cache_features=true"))
+    warm = timed_train(run_cfg(args, root, work / "c_cached_warm", *common, "transfer.cache_features=true"))
+    return {"c_feature_cache": {"epochs": args.cache_epochs, "images": args.images, "recompute_s": recompute,
+                                "cached_cold_s": cold, "cached_warm_s": warm, "ratio": recompute / cold,
+                                "warm_ratio": recompute / warm, "target": TARGETS["c_feature_cache"]}}
+
+
+# ---------------------------------------------------------------- (d): data pipeline
+
+
+def loader_img_s(run, device, decode_device) -> float:
+    images = run.images
+    if decode_device is not None:
+        images.decode_on(decode_device)
+    loader = images.loader("train", augment=True, shuffle=True)
+    count, start = 0, None
+    for i, batch in enumerate(loader):
+        x, target = images.strip_bad(batch, device)
+        x = x.to(device, non_blocking=True)
+        if i == 0:  # worker start-up is not throughput
+            sync(device)
+            start = time.perf_counter()
+            continue
+        count += len(target)
+    sync(device)
+    return count / (time.perf_counter() - start) if start is not None and count else float("nan")
+
+
+def section_d(args, root: Path, work: Path, device, ceiling: Optional[float]) -> Dict[str, Any]:
+    cfg = run_cfg(args, root, work / "d_loader", "augmentation=light", "transfer=fine_tune")
+    (work / "d_loader").mkdir(parents=True, exist_ok=True)
+    run = build_run(cfg, work / "d_loader")
+    workers = run.images.num_workers
+    cpu_decode = loader_img_s(run, device, None)
+    run = build_run(cfg, work / "d_loader")
+    device_decode = loader_img_s(run, device, device)  # on a CPU machine: the same code with device='cpu'
+    e2e: Dict[str, Optional[float]] = {}
+    for decode in (["gpu", "cpu"] if device.type == "cuda" else ["cpu"]):
+        name = f"d_e2e_{decode}"
+        (work / name).mkdir(parents=True, exist_ok=True)
+        run = build_run(run_cfg(args, root, work / name, "augmentation=light", "transfer=fine_tune",
+                                "trainer.max_epochs=1", f"data.decode={decode}", "trainer.limit_val_batches=0",
+                                "callbacks.monitor=train/loss_epoch", "callbacks.mode=min"),
+                        work / name)
+        warmup = min(args.warmup, max(1, run.images.samples("train").__len__() // args.batch_size // 3))
+        timer = StepTimer(warmup, device)
+        run.trainer.callbacks.append(timer)
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+        e2e[decode] = timer.img_s
+        del run
+        release(device)
+    best = e2e.get("gpu") or e2e.get("cpu")
+    return {"d_data": {"workers": workers, "cpu_decode_img_s": cpu_decode, "device_decode_img_s": device_decode,
+                       "device_decode_on": device.type, "e2e_gpu_decode_img_s": e2e.get("gpu"),
+                       "e2e_cpu_decode_img_s": e2e.get("cpu"), "synthetic_img_s": ceiling,
+                       "ratio": (best / ceiling) if best and ceiling else None, "target": TARGETS["d_data"]}}
+
+
+# ---------------------------------------------------------------- report
+
+
+def print_table(results: Dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"transfer benchmark: {results['settings']['model']} on {results['device_name']}")
+    for col in ("section", "measure", "value"):
+        table.add_column(col)
+    for section, values in results.items():
+        if not isinstance(values, dict) or section == "settings":
+            continue
+        for key, value in values.items():
+            shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
+            table.add_row(section, key, shown)
+            section = ""
+    Console().print(table)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    logging.getLogger("transfer_cli").setLevel(logging.WARNING)
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="transfer_bench_")).expanduser().resolve()
+    root = work / "jpegs"
+    if not root.is_dir():
+        make_jpeg_folder(root, args.images, args.source_size)
+    results: Dict[str, Any] = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    skipped = {}
+    if "a" in args.sections or "d" in args.sections:
+        results.update(section_ab(args, root, work, device, compiled="b" in args.sections))
+    if "b" not in args.sections:
+        skipped["b_compile"] = "not in --sections (torch.compile takes minutes on a CPU)"
+    if "c" in args.sections:
+        results.update(section_c(args, root, work))
+    if "d" in args.sections:
+        ceiling = results.get("a_eager", {}).get("tool_img_s")
+        results.update(section_d(args, root, work, device, ceiling))
+    results["skipped"] = skipped
+    print_table(results)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {Path(args.out).resolve()}  (work dir: {work})")
+    return results
+
+
+if __name__ == "__main__":
+    main()
