@@ -1,7 +1,6 @@
 """Composition of every config, and config mistakes caught before torch with a did-you-mean."""
 
 import pytest
-from omegaconf import OmegaConf
 
 from transfer_cli.config.compose import check_overrides, compose, config_dir, config_groups
 from transfer_cli.errors import TransferError
