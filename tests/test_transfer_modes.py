@@ -137,6 +137,10 @@ def test_layer_decay_with_partial_freezing_gives_each_stage_its_scale(tmp_path, 
             scale = 0.8 * 0.5 ** depth[stage]  # counted over the whole backbone, frozen stages included
         assert g["lr"] == pytest.approx(0.01 * scale * factor, rel=1e-9, abs=1e-15), g["name"]
     assert seen == {"stage3", "stage4", "stage5"}  # frozen stages get no group
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "run" / "audit.json").read_text())["checks"][0]["stages"]}
+    for stage in ("stage3", "stage4", "stage5"):  # the audit shows each stage's base LR, before the schedule
+        assert rows[stage]["lr"] == [pytest.approx(0.01 * 0.8 * 0.5 ** depth[stage], rel=1e-12)]
+    assert rows["stem"]["lr"] == [] and rows["head"]["lr"] == [pytest.approx(0.01)]
 
 
 def test_bn_train_policy_updates_statistics_of_frozen_stages_only(tmp_path, tiny_imagefolder):

@@ -55,7 +55,7 @@ def check_consistency(model: nn.Module, optimizer: torch.optim.Optimizer, traina
 
 
 def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
-    """One row per stage (and the head): parameter counts, group LRs/weight decay, BatchNorm mode."""
+    """One row per stage (and the head): parameter counts, base LRs and weight decay of its groups, BN mode."""
     group_of = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -71,7 +71,9 @@ def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[
             "stage": name,
             "trainable": sum(p.numel() for p in params if p.requires_grad),
             "frozen": sum(p.numel() for p in params if not p.requires_grad),
-            "lr": sorted({float(g["lr"]) for g in groups}),
+            # The group's base LR (optimizer.lr x its scale): the schedule multiplies every group by one factor,
+            # which at fit start is often a warmup's 0.
+            "lr": sorted({float(g.get("initial_lr", g["lr"])) for g in groups}),
             "weight_decay": sorted({float(g["weight_decay"]) for g in groups}),
             "groups": sorted({g.get("name", "?") for g in groups}),
             "bn": "/".join(sorted(set(bn_modes))) or "-",
@@ -93,7 +95,7 @@ def print_audit(rows: List[Dict[str, Any]], epoch: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"transfer audit (epoch {epoch})", title_justify="left")
-    for column in ("stage", "trainable", "frozen", "lr", "weight decay", "BN"):
+    for column in ("stage", "trainable", "frozen", "base lr", "weight decay", "BN"):
         table.add_column(column, justify="right" if column in ("trainable", "frozen") else "left")
     for r in rows:
         table.add_row(r["stage"], f"{r['trainable']:,}", f"{r['frozen']:,}",
