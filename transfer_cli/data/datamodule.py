@@ -22,6 +22,7 @@ from transfer_cli.data.samplers import train_sampler
 from transfer_cli.data.sources import SPLITS, DataSplits, Sample
 from transfer_cli.data.transforms import build_transform
 from transfer_cli.errors import TransferError
+from transfer_cli.lifecycle.determinism import EpochIndexSampler, EpochSeededDataset, place_sampler
 
 
 class Batch(NamedTuple):
@@ -227,6 +228,12 @@ class ImageDataModule(pl.LightningDataModule):
             dataset = ImageDataset(samples, self._transforms[bool(augment)])
             collate = partial(collate_drop_bad, image_shape=self.image_shape,
                               num_labels=self.num_classes if self.splits.multilabel else None)
+        sampler = train_sampler(getattr(self.data_cfg, "sampler", "shuffle"), [s[1] for s in samples], self.seed) \
+            if shuffle else None  # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
+        if sampler is not None and self.device_decoder is None:
+            # Augmentation seeded by (seed, epoch, image) and a sampler that can skip the batches an interrupted
+            # epoch already trained on: a resumed run sees exactly the images an uninterrupted one would.
+            dataset, sampler = EpochSeededDataset(dataset, self.seed), EpochIndexSampler(sampler)
         workers = self.num_workers
         batch_size = self.batch_size if augment else self.eval_batch_size  # no gradients kept when evaluating
         # A last training batch of one image breaks BatchNorm in train mode ("expected more than 1 value per
@@ -235,9 +242,7 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
-            sampler=train_sampler(getattr(self.data_cfg, "sampler", "shuffle"), [s[1] for s in samples], self.seed)
-            if shuffle else None,
+            sampler=sampler,
             shuffle=False,
             drop_last=drop_last,
             num_workers=workers,
@@ -250,7 +255,9 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", augment=True, shuffle=True)
+        loader = self.loader("train", augment=True, shuffle=True)
+        place_sampler(loader.sampler, self.trainer, len(loader), self.batch_size)  # epoch and mid-epoch resume
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", augment=False)

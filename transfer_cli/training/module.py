@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_cli.lifecycle.run_state import FINGERPRINT_KEY, fingerprint, follow_schedule
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.training.audit import audit_rows, check_consistency, print_audit, write_audit
 from transfer_cli.training.freezing import apply_freeze
@@ -126,7 +127,12 @@ class TransferModule(pl.LightningModule):
                                           cb.mode, strict=strict)
         return [optimizer], schedulers
 
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:  # resumed: the LR follows the schedule of the config as it is now
+            follow_schedule(self.trainer)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         config = OmegaConf.to_container(self.cfg, resolve=True)
-        checkpoint[CHECKPOINT_KEY] = {"config": config, **self.meta}
+        # The fingerprint (backbone, classes, task) is what a resume checks the data and model against.
+        checkpoint[CHECKPOINT_KEY] = {"config": config, **self.meta, FINGERPRINT_KEY: fingerprint(self.meta)}
 

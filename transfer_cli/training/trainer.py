@@ -13,6 +13,10 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMon
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from transfer_cli.errors import TransferError
+from transfer_cli.lifecycle.atomic_io import AtomicCheckpointIO
+from transfer_cli.lifecycle.determinism import RebuildLoaderOnResume, SeedEveryBatch
+from transfer_cli.lifecycle.run_state import AppendingCSVLogger, prune_metrics, resumed_global_step
+from transfer_cli.lifecycle.signals import GracefulStop
 from transfer_cli.training.ema import EMA
 
 CHECKPOINT_DIR = "checkpoints"
@@ -32,6 +36,13 @@ def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
     if cb.save_last:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
+    steps = int(OmegaConf.select(cfg, "callbacks.checkpoint_every_n_steps", default=0) or 0)
+    if steps > 0:  # long epochs: last.ckpt also every N optimizer steps, so an interruption loses little
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
+                                         every_n_train_steps=steps, enable_version_counter=False))
+    # Resumability: per-batch RNG seeds from (seed, epoch, batch), and SIGTERM/SIGINT -> a resumable last.ckpt.
+    callbacks += [SeedEveryBatch(int(cfg.seed)), RebuildLoaderOnResume()]
+    callbacks.append(GracefulStop(checkpoints / "last.ckpt"))
     if cb.ema:
         callbacks.append(EMA(decay=cb.ema_decay))
     if cb.early_stopping_patience > 0:
@@ -48,15 +59,26 @@ def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     # Frozen BatchNorm (transfer.bn=frozen) is in eval mode on purpose; Lightning warns about any eval module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # A mid-epoch resume is exact here: lifecycle/determinism.py rebuilds the loader and skips the trained batches.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     loggers: list[Logger] = []
+    resumed_step = resumed_global_step(OmegaConf.select(cfg, "resume"))  # None unless resuming
+    if resumed_step is not None:  # a resumed run writes into its own, non-empty checkpoint dir on purpose
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # run_dir/metrics.csv
+        if resumed_step is None:
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # run_dir/metrics.csv
+        else:  # continue metrics.csv, without the rows logged after the checkpoint (they are logged again)
+            prune_metrics(run_dir / "metrics.csv", resumed_step)
+            loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="", version=""))
     if cfg.logger.tensorboard:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
             raise TransferError("logger=tensorboard needs the tensorboard package", "pip install tensorboard")
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""))
+        # On resume, TensorBoard hides the events an interrupted run wrote after its checkpoint (purge_step).
+        purge = {} if resumed_step is None else {"purge_step": resumed_step}
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", **purge))
     return loggers
 
 
@@ -71,6 +93,10 @@ def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
         # Every batch has the configured input size, so cuDNN's per-shape autotuning pays for itself at once.
         args["benchmark"] = True
     args.update(extra)
+    # Checkpoints are written to a temp file and renamed: a kill mid-write never damages the previous one.
+    plugins = args.pop("plugins", None) or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    args["plugins"] = [*plugins, AtomicCheckpointIO()]
     loggers = build_loggers(cfg, run_dir)
     try:
         return pl.Trainer(

@@ -1,0 +1,48 @@
+"""trainer.fit for `transfer train`: from a checkpoint when resuming, and a clean exit on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from transfer_cli.lifecycle.atomic_io import leftover_temp_files
+from transfer_cli.lifecycle.checkpoint_files import checkpoint_meta, read_checkpoint
+from transfer_cli.lifecycle.resume_config import resume_command
+from transfer_cli.lifecycle.run_state import check_fingerprint
+from transfer_cli.lifecycle.signals import SIGTERMException, exit_status, graceful_stop
+
+log = logging.getLogger("transfer_cli")
+
+
+def fit(trainer: pl.Trainer, module: Any, datamodule: Any, cfg: Any, run_dir: Path) -> None:
+    """Fit, or continue the fit saved in cfg.resume (a checkpoint path, set by `transfer train resume=...`).
+
+    A stop signal ends the process with 128 + its number (143 SIGTERM, 130 SIGINT) once the checkpoint is saved,
+    after printing the command that continues the run.
+    """
+    ckpt = OmegaConf.select(cfg, "resume")
+    if ckpt:
+        saved = checkpoint_meta(read_checkpoint(ckpt), ckpt)
+        check_fingerprint(saved, module.meta, Path(ckpt), run_dir)
+        for leftover in leftover_temp_files(Path(ckpt).parent):  # writes cut short by a kill; nothing writes now
+            leftover.unlink(missing_ok=True)
+        log.info("resuming from %s", ckpt)
+    try:
+        # weights_only: a resumed checkpoint is plain data, so loading it runs no code from the file
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True if ckpt else None)
+    except SIGTERMException:
+        stop = graceful_stop(trainer)
+        status = stop.status if stop is not None else exit_status(15)
+        saved_at = stop.saved if stop is not None else None
+        if trainer.is_global_zero:
+            what = f"checkpoint saved: {saved_at}" if saved_at else "no new checkpoint (nothing trained yet)"
+            print(f"\nstopped by signal ({status - 128}); {what}\nresume with: {resume_command(run_dir)}",
+                  flush=True)
+        raise SystemExit(status) from None
+
+
+__all__ = ["fit"]
