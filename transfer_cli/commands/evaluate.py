@@ -1,0 +1,243 @@
+"""`transfer eval ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] [data.*=...] [eval.tta=...]`.
+
+Scores a trained checkpoint on labelled images: the run's own test split (else val) by default, or any data the
+overrides point at (data.root=..., data=csv data.csv=...). Writes eval_report.json and confusion_matrix.png and
+prints the metrics. The network, classes and preprocessing come from the checkpoint; the metric definitions
+are the trainer's (training/metrics.py), so `acc` here is the number the trainer logged for the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from transfer_cli.commands.options import Option, parse_command_args
+from transfer_cli.errors import TransferError
+
+log = logging.getLogger("transfer_cli")
+
+REPORT_NAME = "eval_report.json"
+SPLIT_CHOICES = ("test", "val", "train", "all")
+OPTIONS = {
+    "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
+    "split": Option(str, None, help="the split to score (default: test if the data has one, else val)",
+                    choices=SPLIT_CHOICES),
+    "output": Option(str, None, help="folder for the report (default: <run dir>/eval)", example="eval_out"),
+}
+# What may change between training and evaluation: the data, TTA, the threshold and where it runs.
+OVERRIDES = ("data", "data.", "eval.", "multilabel_threshold", "trainer.accelerator", "trainer.precision",
+             "trainer.channels_last")
+
+
+def _remap(splits: Any, class_names: Sequence[str]) -> Any:
+    """The samples' class indices in the checkpoint's order; data may hold fewer classes, never unknown ones."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [c for c in splits.class_names if c not in index]
+    if unknown:
+        raise TransferError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}",
+                            f"the checkpoint knows: {', '.join(class_names)}; point data.* at images of those")
+    to_ckpt = [index[c] for c in splits.class_names]
+
+    def convert(samples: list) -> list:
+        if splits.multilabel:
+            return [(p, tuple(to_ckpt[i] for i in labels)) for p, labels in samples]
+        return [(p, to_ckpt[label]) for p, label in samples]
+
+    return replace(splits, class_names=list(class_names), train=convert(splits.train), val=convert(splits.val),
+                   test=convert(splits.test))
+
+
+def _choose_split(splits: Any, split: str | None) -> tuple[Any, str]:
+    """(splits, the split name the loader reads); "all" gathers every image into the test slot."""
+    if split is None:
+        return splits, "test" if splits.test else "val"
+    if split == "all":
+        return replace(splits, test=splits.train + splits.val + splits.test), "test"
+    if split == "test" and not splits.test:
+        raise TransferError(f"the data ({splits.source_desc}) has no test split",
+                            "evaluate another split: split=val (or split=all)")
+    return splits, split
+
+
+def collect_logits(restored: Any, images: Any, split: str) -> tuple[Any, Any]:
+    """(logits, targets) of every readable image of `split`, with the run's precision and eval.tta."""
+    import torch
+
+    from transfer_cli.commands.restore import inference_precision, pick_device
+    from transfer_cli.data.gpu_decode import resolve_decode
+    from transfer_cli.training.tta import tta_logits
+
+    cfg = restored.cfg
+    device = pick_device(cfg)
+    decode_device = resolve_decode(cfg.data.decode, device)
+    if decode_device is not None:
+        images.decode_on(decode_device)
+    model = restored.model.to(device)
+    channels_last = device.type == "cuda" and bool(cfg.trainer.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    all_logits, all_targets = [], []
+    with inference_precision(cfg, device):
+        for batch in images.loader(split, augment=False):
+            inputs, targets = images.strip_bad(batch, device)
+            if len(targets) == 0:
+                continue
+            inputs = inputs.to(device, non_blocking=True)
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            logits = tta_logits(model, inputs, cfg.eval) if cfg.eval.tta != "none" else model(inputs)
+            all_logits.append(logits.float().cpu())
+            all_targets.append(targets.cpu())
+    if not all_logits:
+        raise TransferError(f"no readable image in the {split} split", "check the data: bad_images.txt lists them")
+    return torch.cat(all_logits), torch.cat(all_targets)
+
+
+def _multiclass_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -> tuple[dict, list[dict], list]:
+    from torchmetrics.classification import (
+        MulticlassAccuracy,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    from transfer_cli.training.metrics import stage_metrics
+
+    n = len(names)
+    metrics = {k.split("/", 1)[1]: float(v) for k, v in stage_metrics(cfg, n, "test")(logits, targets).items()}
+    if n >= 5:
+        metrics["top5_acc"] = float(MulticlassAccuracy(num_classes=n, top_k=5, average="micro")(logits, targets))
+    metrics["balanced_acc"] = float(MulticlassAccuracy(num_classes=n, average="macro")(logits, targets))
+    metrics["macro_f1"] = float(MulticlassF1Score(num_classes=n, average="macro")(logits, targets))
+    per = {name: metric(num_classes=n, average=None)(logits, targets).tolist()
+           for name, metric in (("precision", MulticlassPrecision), ("recall", MulticlassRecall),
+                                ("f1", MulticlassF1Score))}
+    support = targets.bincount(minlength=n).tolist()
+    per_class = [{"class": c, "precision": per["precision"][i], "recall": per["recall"][i], "f1": per["f1"][i],
+                  "support": int(support[i])} for i, c in enumerate(names)]
+    matrix = MulticlassConfusionMatrix(num_classes=n)(logits, targets).tolist()
+    return metrics, per_class, matrix
+
+
+def _multilabel_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -> tuple[dict, list[dict], list]:
+    from torchmetrics.classification import (
+        MultilabelAveragePrecision,
+        MultilabelConfusionMatrix,
+        MultilabelF1Score,
+        MultilabelPrecision,
+        MultilabelRecall,
+    )
+
+    from transfer_cli.training.metrics import multilabel_threshold, stage_metrics
+
+    n, threshold = len(names), multilabel_threshold(cfg)
+    metrics = {k.split("/", 1)[1]: float(v) for k, v in stage_metrics(cfg, n, "test")(logits, targets).items()}
+    probs, hard = logits.sigmoid(), (targets >= 0.5).long()
+    kwargs = {"num_labels": n, "threshold": threshold, "average": None}
+    per = {"precision": MultilabelPrecision(**kwargs)(probs, hard).tolist(),
+           "recall": MultilabelRecall(**kwargs)(probs, hard).tolist(),
+           "f1": MultilabelF1Score(**kwargs, zero_division=1.0)(probs, hard).tolist(),
+           "ap": MultilabelAveragePrecision(num_labels=n, average=None)(probs, hard).tolist()}
+    support = hard.sum(0).tolist()
+    per_class = [{"class": c, "precision": per["precision"][i], "recall": per["recall"][i], "f1": per["f1"][i],
+                  # AP is undefined without a positive; null rather than torchmetrics' 0
+                  "ap": per["ap"][i] if support[i] > 0 else None, "support": int(support[i])}
+                 for i, c in enumerate(names)]
+    matrices = MultilabelConfusionMatrix(num_labels=n, threshold=threshold)(probs, hard).tolist()
+    return metrics, per_class, matrices
+
+
+def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None = None,
+             output: str | Path | None = None) -> dict:
+    """Score the checkpoint; returns the report (also written to <output>/eval_report.json)."""
+    from transfer_cli.commands.restore import restore
+    from transfer_cli.data.datamodule import ImageDataModule
+    from transfer_cli.data.sources import discover
+    from transfer_cli.plots import CONFUSION_NAME, write_confusion_matrix, write_label_matrices
+
+    started = time.time()
+    restored = restore(ckpt, overrides)
+    cfg, names = restored.cfg, restored.class_names
+    out_dir = Path(output).expanduser().resolve() if output else restored.run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = _remap(discover(cfg.data, restored.task), names)
+    splits, split_name = _choose_split(splits, split)
+    bad_log = out_dir / "bad_images.txt"
+    bad_log.unlink(missing_ok=True)  # this evaluation's list, not an earlier one's
+    images = ImageDataModule(splits, restored.data_config, cfg.data, cfg.augmentation, seed=cfg.seed,
+                             bad_image_log=bad_log)
+    logits, targets = collect_logits(restored, images, split_name)
+    multilabel = restored.task == "multilabel"
+    metric_fn = _multilabel_metrics if multilabel else _multiclass_metrics
+    metrics, per_class, matrix = metric_fn(cfg, logits, targets, names)
+
+    title = f"{Path(restored.checkpoint).name} on {split or split_name} ({len(targets)} images)"
+    png = out_dir / CONFUSION_NAME
+    if multilabel:
+        write_label_matrices(matrix, names, png, title)
+    else:
+        write_confusion_matrix(matrix, names, png, title)
+    report = {
+        "checkpoint": str(restored.checkpoint),
+        "run_dir": str(restored.run_dir),
+        "data": splits.source_desc,
+        "split": split or split_name,
+        "num_images": int(len(targets)),
+        "bad_images": [list(b) for b in images.bad_images],
+        "task": restored.task,
+        "tta": str(cfg.eval.tta),
+        "class_names": names,
+        "metrics": metrics,
+        "per_class": per_class,
+        # multiclass: rows = true class, columns = predicted; multilabel: per label [[TN, FP], [FN, TP]]
+        "confusion_matrix": matrix,
+        "confusion_matrix_png": str(png),
+        "wall_time_s": round(time.time() - started, 1),
+    }
+    if multilabel:
+        report["multilabel_threshold"] = restored.threshold
+    report_path = out_dir / REPORT_NAME
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    report["report"] = str(report_path)
+    return report
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = Table(title=f"transfer eval: {report['split']} split, {report['num_images']} images", show_header=False,
+                 title_style="bold")
+    head.add_column(style="bold")
+    head.add_column(overflow="fold")
+    for key, value in report["metrics"].items():
+        head.add_row(key, f"{value:.4f}")
+    head.add_row("tta", report["tta"])
+    if report["bad_images"]:
+        head.add_row("unreadable", f"{len(report['bad_images'])} (skipped; listed in the report)")
+    head.add_row("checkpoint", report["checkpoint"])
+    console.print(head)
+    per = Table(title="per class", title_style="bold")
+    columns = ["class", "precision", "recall", "f1"] + (["ap"] if report["task"] == "multilabel" else []) + ["support"]
+    for col in columns:
+        per.add_column(col, justify="left" if col == "class" else "right")
+    for row in report["per_class"]:
+        per.add_row(*[str(row[c]) if c in ("class", "support") else
+                      ("-" if row[c] is None else f"{row[c]:.3f}") for c in columns])
+    console.print(per)
+    console.print(f"report: {report['report']}\nconfusion matrix: {report['confusion_matrix_png']}", highlight=False)
+
+
+def eval_command(args: list[str]) -> None:
+    options, overrides = parse_command_args("eval", args, OPTIONS, OVERRIDES)
+    report = evaluate(options["ckpt"], overrides, split=options["split"], output=options["output"])
+    print_report(report)
+
+
+__all__ = ["evaluate", "eval_command", "collect_logits", "print_report", "OPTIONS", "OVERRIDES"]

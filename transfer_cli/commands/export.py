@@ -1,0 +1,207 @@
+"""`transfer export ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [atol=1e-4]`.
+
+Writes the trained network (input: normalized NCHW float32 images, any batch size; output: logits) with the
+preprocessing a caller must apply and the class names: inside the file (ONNX metadata_props; TorchScript
+extra file `transfer.json`) and in a sidecar `<output>.json`. Then runs the exported file (onnxruntime;
+torch.jit.load) and PyTorch on the same sample batches and fails if any output differs by more than `atol`.
+
+ONNX goes through torch.onnx.export's default exporter (torch.export based, needs onnxscript); a network it
+cannot capture falls back to the TorchScript-based exporter, with a warning. Either way the check decides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.commands.options import POSITIVE_FLOAT, Option, parse_command_args
+from transfer_cli.errors import TransferError
+
+log = logging.getLogger("transfer_cli")
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+METADATA_FILE = "transfer.json"  # the TorchScript extra file; the ONNX metadata_props key is "transfer"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+CHECK_BATCHES = (1, 3)  # neither is the batch size exported with, so the check also covers the dynamic axis
+OPTIONS = {
+    "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
+    "format": Option(str, "onnx", help="onnx or torchscript", choices=FORMATS),
+    "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx)", example="model.onnx"),
+    "atol": Option(POSITIVE_FLOAT, 1e-4, help="a positive tolerance on the largest absolute logit difference"),
+}
+EXPORT_EXTRA = 'pip install "transfer-cli[export]"  (or: pip install onnx onnxscript onnxruntime)'
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    format: str
+    max_abs_diff: float
+    metadata: dict
+
+
+def export_metadata(restored: Any) -> dict:
+    """What a caller needs to feed the exported network and read its output, as plain JSON."""
+    dc = restored.data_config
+    return {
+        "input_name": INPUT_NAME,
+        "input_size": [int(v) for v in dc["input_size"]],
+        "layout": "NCHW float32, RGB scaled to [0, 1], then (x - mean) / std per channel",
+        "mean": [float(v) for v in dc["mean"]],
+        "std": [float(v) for v in dc["std"]],
+        "interpolation": str(dc.get("interpolation", "bilinear")),
+        "crop_pct": float(dc.get("crop_pct") or 1.0),
+        "resize": "shorter side to floor(size / crop_pct), then a centre crop of input_size",
+        "output_name": OUTPUT_NAME,
+        "output": "logits: softmax for class probabilities" if restored.task != "multilabel"
+        else "logits: sigmoid per label; a label is predicted at multilabel_threshold",
+        "task": restored.task,
+        "multilabel_threshold": restored.threshold,
+        "class_names": restored.class_names,
+        "backbone": restored.meta.get("backbone"),
+        "checkpoint": str(restored.checkpoint),
+    }
+
+
+def sample_inputs(metadata: dict, batch: int, seed: int) -> Any:
+    """Normalized random images: uniform pixels through the real mean/std, so logits have realistic ranges."""
+    import torch
+
+    channels, height, width = metadata["input_size"]
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand((batch, channels, height, width), generator=generator)
+    mean = torch.tensor(metadata["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(metadata["std"]).view(1, -1, 1, 1)
+    return (pixels - mean) / std
+
+
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TransferError(f"format=onnx needs {', '.join(missing)}, which is not installed", EXPORT_EXTRA)
+
+
+def export_onnx(model: Any, example: Any, path: Path, metadata: dict) -> str:
+    """Writes `path`; returns which exporter made it."""
+    import torch
+
+    _require("onnx", "onnxscript", "onnxruntime")
+    props = {"transfer": json.dumps(metadata), "class_names": json.dumps(metadata["class_names"]),
+             **{k: json.dumps(metadata[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "task")}}
+    # One file unless the weights are past protobuf's 2 GB limit (then ONNX needs an external data file).
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=big,
+                                    verbose=False)
+        program.model.metadata_props.update(props)
+        program.save(str(path), external_data=big)
+        return "torch.export"
+    except Exception as e:  # an op or control flow torch.export cannot capture
+        log.warning("the torch.export-based ONNX exporter failed (%s: %s); using the TorchScript-based one",
+                    type(e).__name__, str(e).splitlines()[0][:200])
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    proto = onnx.load(str(path))
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+    return "torchscript-based"
+
+
+def run_onnx(path: Path, inputs: Any) -> tuple[Any, dict]:
+    """(outputs, the file's metadata) from onnxruntime on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
+    return outputs, json.loads(session.get_modelmeta().custom_metadata_map["transfer"])
+
+
+def export_torchscript(model: Any, example: Any, path: Path, metadata: dict) -> str:
+    import torch
+
+    with warnings.catch_warnings():  # torch.jit is deprecated upstream but still the format many runtimes load
+        warnings.simplefilter("ignore", category=FutureWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return "torch.jit.trace"
+
+
+def run_torchscript(path: Path, inputs: Any) -> tuple[Any, dict]:
+    import torch
+
+    extra = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with torch.inference_mode():
+            outputs = loaded(inputs).numpy()
+    return outputs, json.loads(extra[METADATA_FILE])
+
+
+def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, atol: float = 1e-4) -> ExportResult:
+    import numpy as np
+    import torch
+
+    from transfer_cli.commands.restore import restore
+
+    if format not in FORMATS:
+        raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
+    restored = restore(ckpt)
+    model = restored.model.float().eval()
+    path = Path(output).expanduser().resolve() if output else restored.run_dir / "export" / DEFAULT_NAMES[format]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = export_metadata(restored)
+    write, run = (export_onnx, run_onnx) if format == "onnx" else (export_torchscript, run_torchscript)
+    exporter = write(model, sample_inputs(metadata, 2, seed=0), path, metadata)
+    metadata["exporter"] = exporter
+    sidecar = path.with_name(path.name + ".json")
+    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+
+    diff = 0.0
+    for seed, batch in enumerate(CHECK_BATCHES, start=1):
+        inputs = sample_inputs(metadata, batch, seed)
+        with torch.inference_mode():
+            expected = model(inputs).numpy()
+        got, embedded = run(path, inputs)
+        if got.shape != expected.shape:
+            diff = float("inf")
+            break
+        diff = max(diff, float(np.abs(got - expected).max()))
+        if embedded["class_names"] != metadata["class_names"]:
+            raise TransferError(f"{path} lost its metadata", "report this as a bug")
+    if not diff <= atol:
+        path.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+        raise TransferError(
+            f"the exported {format} model differs from PyTorch by up to {diff:.3g} (> atol={atol:g}); "
+            "the file was removed",
+            "try the other format (format=torchscript / format=onnx), or accept the difference with e.g. atol=1e-3",
+        )
+    return ExportResult(path, sidecar, format, diff, metadata)
+
+
+def export_command(args: list[str]) -> None:
+    options, _ = parse_command_args("export", args, OPTIONS)
+    result = export(options["ckpt"], options["format"], options["output"], options["atol"])
+    print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
+          f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
+    print(f"max abs diff vs PyTorch on batches of {', '.join(map(str, CHECK_BATCHES))}: {result.max_abs_diff:.3g} "
+          f"(atol {options['atol']:g})")
+
+
+__all__ = ["export", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]

@@ -1,0 +1,109 @@
+"""`key=value` arguments of the checkpoint commands (eval, predict, export): each command's own options, and
+the config overrides it lets through to the restored run config.
+
+Imports only the standard library and our config code, so a mistyped option fails before torch loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from transfer_cli.errors import TransferError
+
+
+@dataclass(frozen=True)
+class Option:
+    parse: Callable[[str], Any]
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] = ()
+    required: bool = False
+    example: str = "..."  # shown in the fix of a missing or malformed argument
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+POSITIVE_INT = _positive_int
+POSITIVE_FLOAT = _positive_float
+
+
+def _override_key(arg: str) -> str:
+    key = arg.split("=", 1)[0]
+    return key.lstrip("+~")
+
+
+def _allowed(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p.rstrip(".") or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def parse_command_args(
+    command: str, args: Sequence[str], options: dict[str, Option], override_prefixes: Sequence[str] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """(the command's option values, the config overrides it allows).
+
+    `override_prefixes`: "data." lets every data.* key through, "data" the group choice data=<option>.
+    Anything else is an error with a did-you-mean over both, since a silently ignored argument would make a
+    report describe something other than what the user asked for.
+    """
+    from transfer_cli.config.compose import check_overrides, close_matches
+
+    values = {name: opt.default for name, opt in options.items()}
+    overrides: list[str] = []
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        if not sep:
+            raise TransferError(f"`transfer {command}` takes key=value arguments, not '{arg}'",
+                                f"e.g. transfer {command} {_example(options)}")
+        if key in options:
+            opt = options[key]
+            if opt.choices and text not in opt.choices:
+                hint = close_matches(text, opt.choices, n=1)
+                raise TransferError(f"{key}={text} is not one of {', '.join(opt.choices)}"
+                                    + (f"; did you mean {hint[0]}?" if hint else ""),
+                                    f"{key}={hint[0] if hint else opt.choices[0]}")
+            try:
+                values[key] = opt.parse(text)
+            except (TypeError, ValueError):
+                raise TransferError(f"{arg}: {key} takes {opt.help or 'another value'}",
+                                    f"e.g. {key}={opt.default if opt.default is not None else opt.example}")
+        elif _allowed(_override_key(arg), override_prefixes):
+            overrides.append(arg)
+        else:
+            candidates = list(options) + [p.rstrip(".") for p in override_prefixes]
+            close = close_matches(key, candidates, n=1)
+            if not close and "." in key:  # a mistyped key under an allowed group: data.bach_size
+                close = close_matches(key, [p for p in override_prefixes], n=1)
+            allowed = ", ".join([*(f"{o}=" for o in options),
+                                 *(p + "*" if p.endswith(".") else p + "=" for p in override_prefixes)])
+            why = "" if close else " (the rest of the run's config comes from the checkpoint)"
+            raise TransferError(
+                f"unknown argument '{key}' for `transfer {command}`{why}"
+                + (f"; did you mean {close[0]}?" if close else ""),
+                f"the arguments are: {allowed}",
+            )
+    missing = [name for name, opt in options.items() if opt.required and values[name] is None]
+    if missing:
+        raise TransferError(f"`transfer {command}` needs {' and '.join(f'{m}=' for m in missing)}",
+                            f"e.g. transfer {command} {_example(options)}")
+    check_overrides(overrides)  # schema keys and types, with did-you-mean, before anything heavy is imported
+    return values, overrides
+
+
+def _example(options: dict[str, Option]) -> str:
+    return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required)
+
+
+__all__ = ["Option", "parse_command_args", "POSITIVE_INT", "POSITIVE_FLOAT"]

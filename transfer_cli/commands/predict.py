@@ -1,0 +1,149 @@
+"""`transfer predict ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=predictions.csv] [topk=3]`.
+
+One CSV row per input image: path, label, probability, the top-k labels with their probabilities, and `error`,
+which is empty unless the image could not be read (such images get a row, a warning lists them, and the
+others are still predicted). Preprocessing and eval.tta are the checkpoint's, as in `transfer eval`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+from transfer_cli.commands.options import POSITIVE_INT, Option, parse_command_args
+from transfer_cli.errors import TransferError
+
+log = logging.getLogger("transfer_cli")
+
+OPTIONS = {
+    "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
+    "input": Option(str, required=True, help="an image, a folder of images, or a CSV with a path column",
+                    example="images/"),
+    "output": Option(str, "predictions.csv", help="the CSV to write"),
+    "topk": Option(POSITIVE_INT, 3, help="a positive number of labels per row"),
+}
+OVERRIDES = ("eval.", "multilabel_threshold", "data.batch_size", "data.eval_batch_size", "data.num_workers",
+             "data.image_size", "data.crop_pct", "data.interpolation", "data.mean", "data.std",
+             "trainer.accelerator", "trainer.precision", "trainer.channels_last")
+
+
+@dataclass
+class PredictResult:
+    output: Path
+    rows: list[dict] = field(default_factory=list)  # one per input, in input order
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of the unreadable inputs
+
+
+def list_inputs(source: str | Path) -> list[str]:
+    """The image paths named by `source`: one image, every image under a folder (sorted, recursive), or the
+    `path` column (else the first column) of a CSV, relative to the CSV's folder."""
+    from transfer_cli.data.sources import IMG_EXTENSIONS, _list_images
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = _list_images(path)
+        if not found:
+            raise TransferError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}",
+                                "input=<a folder of images, one image, or a CSV with a path column>")
+        return found
+    if not path.is_file():
+        raise TransferError(f"input={source}: no such file or folder", "input=<an image, a folder or a CSV>")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            column = "path" if "path" in (reader.fieldnames or []) else (reader.fieldnames or [None])[0]
+            if column is None:
+                raise TransferError(f"{path} is empty", "a CSV with a header and a path column")
+            paths = [row[column] for row in reader if row.get(column)]
+        if not paths:
+            raise TransferError(f"{path} lists no image paths (column '{column}')", "one image path per row")
+        return [str(p if Path(p).is_absolute() else (path.parent / p)) for p in paths]
+    return [str(path)]
+
+
+def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predictions.csv", topk: int = 3,
+            overrides: Sequence[str] = ()) -> PredictResult:
+    """Predict every image of `source` with the checkpoint and write the CSV `output`."""
+    from torch.utils.data import DataLoader
+
+    from transfer_cli.commands.restore import inference_precision, pick_device, restore
+    from transfer_cli.data.datamodule import collate_drop_bad, resolve_num_workers
+    from transfer_cli.data.images import ImageDataset
+    from transfer_cli.data.transforms import build_transform
+    from transfer_cli.training.predictions import decode_predictions
+    from transfer_cli.training.tta import tta_logits
+
+    paths = list_inputs(source)
+    restored = restore(ckpt, overrides)
+    cfg, names, task = restored.cfg, restored.class_names, restored.task
+    k = min(int(topk), len(names))
+    # Each sample's "label" is its position in `paths`, so the good ones are found again after bad ones drop out.
+    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], build_transform(restored.data_config, None, False))
+    shape = tuple(int(v) for v in restored.data_config["input_size"])
+    workers = resolve_num_workers(cfg.data.num_workers)
+    loader = DataLoader(dataset, batch_size=int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
+                        num_workers=workers, collate_fn=partial(collate_drop_bad, image_shape=shape))
+    device = pick_device(cfg)
+    model = restored.model.to(device)
+    rows: list[dict | None] = [None] * len(paths)
+    bad: list[tuple[str, str]] = []
+    with inference_precision(cfg, device):
+        for batch in loader:
+            bad += [(str(p), str(r)) for p, r in batch.bad]
+            if len(batch.labels) == 0:
+                continue
+            inputs = batch.images.to(device)
+            logits = tta_logits(model, inputs, cfg.eval) if cfg.eval.tta != "none" else model(inputs)
+            predictions = decode_predictions(logits.float().cpu(), names, task, restored.threshold)
+            for index, pred in zip(batch.labels.tolist(), predictions):
+                rows[index] = _row(paths[index], pred, names, task, k)
+    position = {p: i for i, p in enumerate(paths)}
+    for path, reason in bad:
+        rows[position[path]] = {"path": path, "error": reason}
+    if bad:
+        log.warning("%d unreadable image(s), listed in %s (column error):\n%s", len(bad), output,
+                    "\n".join(f"    {p}: {r}" for p, r in bad))
+    result = PredictResult(Path(output).expanduser(), [r for r in rows if r is not None], bad)
+    _write_csv(result.output, result.rows, k)
+    return result
+
+
+def _row(path: str, pred: Any, names: Sequence[str], task: str, k: int) -> dict:
+    scores = pred.scores
+    top = sorted(range(len(names)), key=lambda i: -scores[i])[:k]
+    row = {"path": path, "label": ";".join(pred.labels) if task == "multilabel" else pred.labels[0]}
+    # multilabel: the probability of each predicted label, in the same order; multiclass: the top class's
+    chosen = [scores[names.index(label)] for label in pred.labels]
+    row["probability"] = ";".join(f"{p:.6f}" for p in chosen)
+    for rank, i in enumerate(top, start=1):
+        row[f"top{rank}_label"] = names[i]
+        row[f"top{rank}_prob"] = f"{scores[i]:.6f}"
+    row["error"] = ""
+    return row
+
+
+def _write_csv(output: Path, rows: list[dict], k: int) -> None:
+    columns = ["path", "label", "probability"]
+    for rank in range(1, k + 1):
+        columns += [f"top{rank}_label", f"top{rank}_prob"]
+    columns.append("error")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def predict_command(args: list[str]) -> None:
+    options, overrides = parse_command_args("predict", args, OPTIONS, OVERRIDES)
+    result = predict(options["ckpt"], options["input"], options["output"], options["topk"], overrides)
+    good = len(result.rows) - len(result.bad)
+    print(f"predicted {good} image(s)" + (f", {len(result.bad)} unreadable" if result.bad else "")
+          + f": {result.output}")
+
+
+__all__ = ["predict", "predict_command", "list_inputs", "PredictResult", "OPTIONS", "OVERRIDES"]

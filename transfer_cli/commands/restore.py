@@ -1,0 +1,166 @@
+"""A trained network back from its checkpoint alone: config, class names, preprocessing and weights.
+
+Everything eval, predict and export need is inside the checkpoint (TransferModule.on_save_checkpoint), so none
+of the training arguments has to be repeated. The backbone is rebuilt without pretrained weights (no hub, no
+weights file: the checkpoint's state_dict replaces them), and preprocessing is the checkpoint's data_config,
+i.e. exactly what the network saw during validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from transfer_cli.errors import TransferError
+from transfer_cli.lifecycle.checkpoint_files import (
+    checkpoint_config,
+    checkpoint_meta,
+    read_checkpoint,
+    resolve_checkpoint,
+    run_dir_of,
+)
+from transfer_cli.models.classifier import Classifier
+
+log = logging.getLogger("transfer_cli")
+
+MODEL_PREFIX = "model."  # TransferModule keeps the Classifier as `self.model`
+# data.* keys that change the preprocessing; given on the command line they replace the checkpoint's values.
+PREPROCESSING_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
+
+
+@dataclass
+class Restored:
+    checkpoint: Path
+    run_dir: Path
+    cfg: DictConfig  # the run's config with the command's overrides applied
+    meta: dict
+    data_config: dict  # input_size, interpolation, crop_pct, mean, std (+ member_norms for combined backbones)
+    model: Classifier  # on the CPU, in eval mode
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task") or self.cfg.task)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.cfg.multilabel_threshold)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """`key=value` and `group=option` overrides (Hydra's grammar) on a config restored from a checkpoint."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from transfer_cli.config.compose import config_dir, config_groups
+    from transfer_cli.config.schema import TrainConfig
+
+    try:  # typed, so data.batch_size=abc fails here; a config from another version may not fit the schema
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    except Exception:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    groups = config_groups()
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    for ov in sorted(parsed, key=lambda o: o.key_or_group not in groups):  # a group first, as Hydra does
+        key = ov.key_or_group
+        if ov.is_sweep_override():
+            raise TransferError(f"{ov.input_line}: a sweep is not an override of one evaluation",
+                                f"run the command once per value, e.g. {key}={next(ov.sweep_string_iterator())}")
+        value = ov.value()
+        try:
+            if key in groups:  # data=imagefolder: that option's YAML over the schema defaults, as in training
+                node = OmegaConf.load(config_dir() / key / f"{value}.yaml")
+                base = OmegaConf.structured(getattr(TrainConfig(), key).__class__)
+                OmegaConf.update(cfg, key, OmegaConf.merge(base, node), merge=False)
+            else:
+                OmegaConf.update(cfg, key, value, merge=True, force_add=ov.input_line.startswith("+"))
+        except TransferError:
+            raise
+        except Exception as e:  # omegaconf ValidationError / ConfigKeyError: they name the key and the type
+            raise TransferError(f"{ov.input_line}: {str(e).splitlines()[0]}", f"check the value of {key}")
+    return cfg
+
+
+def _data_config(meta: dict, overrides: Sequence[str], cfg: DictConfig) -> dict:
+    data_config = dict(meta["data_config"])
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    if "data.image_size" in given and cfg.data.image_size is not None:
+        channels = int(data_config["input_size"][0])
+        data_config["input_size"] = [channels, int(cfg.data.image_size), int(cfg.data.image_size)]
+    for key in PREPROCESSING_KEYS[1:]:
+        if f"data.{key}" in given and cfg.data[key] is not None:
+            value = cfg.data[key]
+            data_config[key] = list(value) if key in ("mean", "std") else value
+    return data_config
+
+
+def build_model(cfg: DictConfig, meta: dict, state_dict: dict, source: Path) -> Classifier:
+    """The Classifier of the run, its weights from `state_dict` (the checkpoint's)."""
+    from transfer_cli.models.combined import CombinedBackbone, build_backbone
+
+    # No download and no weights file: every backbone tensor is in the checkpoint.
+    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": False, "weights": None})
+    backbone, _ = build_backbone(model_cfg, cfg.data)
+    # Per-member normalization of a feature combination lives in non-persistent buffers, so it is not in the
+    # state_dict; it came from each member's weight source, which this rebuild skipped.
+    norms = meta["data_config"].get("member_norms") if isinstance(backbone, CombinedBackbone) else None
+    for i, norm in enumerate(norms or []):
+        getattr(backbone, f"mean{i}").copy_(torch.tensor(norm["mean"]).view(1, -1, 1, 1))
+        getattr(backbone, f"std{i}").copy_(torch.tensor(norm["std"]).view(1, -1, 1, 1))
+    model = Classifier(backbone, len(meta["class_names"]), int(cfg.model.head_hidden_dim),
+                       float(cfg.model.head_dropout))
+    weights = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise TransferError(f"the weights in {source} do not fit the network its config describes: "
+                            f"{str(e).splitlines()[0]}",
+                            "pass a checkpoint written by this version of `transfer train`")
+    return model.eval()
+
+
+def restore(ref: str | Path, overrides: Sequence[str] = (), prefer: str = "best") -> Restored:
+    """The network and config of a run dir or .ckpt, with `overrides` (data.*, eval.*, ...) applied."""
+    path = resolve_checkpoint(ref, prefer=prefer)
+    ckpt = read_checkpoint(path)
+    meta = checkpoint_meta(ckpt, path)
+    if "state_dict" not in ckpt:
+        raise TransferError(f"{path} holds no state_dict", "pass a checkpoint written by `transfer train`")
+    cfg = apply_overrides(checkpoint_config(ckpt), overrides)
+    model = build_model(cfg, meta, ckpt["state_dict"], path)
+    log.info("restored %s (%s, %d classes)", path, meta.get("backbone"), len(meta["class_names"]))
+    return Restored(path, run_dir_of(path), cfg, meta, _data_config(meta, overrides, cfg), model)
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    """The run's accelerator when this machine has it; a checkpoint trained on a GPU still evaluates on a CPU."""
+    wanted = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto") or "auto")
+    if wanted in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if wanted in ("gpu", "cuda"):
+        log.warning("trainer.accelerator=%s but no GPU is available: running on the CPU", wanted)
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def inference_precision(cfg: DictConfig, device: torch.device) -> Iterator[None]:
+    """The run's mixed precision (trainer.precision), so evaluation numbers match the trainer's."""
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
+        with torch.inference_mode():
+            yield
+        return
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+__all__ = ["Restored", "restore", "apply_overrides", "build_model", "pick_device", "inference_precision"]

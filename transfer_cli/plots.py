@@ -1,0 +1,147 @@
+"""The PNGs a run and an evaluation leave behind: training curves from metrics.csv, and the confusion matrix.
+
+matplotlib is imported inside each function, with the Agg backend (files only, no display), so importing
+this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+CURVES_NAME = "curves.png"
+CONFUSION_NAME = "confusion_matrix.png"
+# Panels of curves.png: (title, [(metrics.csv column, legend label)]); a column that the run never logged is skipped.
+CURVE_PANELS = (
+    ("loss", [("train/loss_epoch", "train"), ("val/loss", "val")]),
+    ("accuracy", [("train/acc", "train"), ("val/acc", "val"), ("val/mAP", "val mAP"), ("val/f1", "val F1")]),
+)
+
+
+def _figure(**kwargs: Any) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure  # not pyplot: no global figure registry to leak figures into
+
+    return Figure(layout="constrained", **kwargs)
+
+
+def epoch_series(metrics_csv: Path) -> dict[str, dict[int, float]]:
+    """{column: {epoch: value}} of every numeric column; the last value an epoch logged wins, so a resumed run
+    that appended to the file (and re-logged its interrupted epoch) reads as one run."""
+    series: dict[str, dict[int, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                epoch = int(float(row.get("epoch") or ""))
+            except ValueError:
+                continue
+            for key, text in row.items():
+                if key in ("epoch", "step") or not text:
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    continue
+                if math.isfinite(value):
+                    series.setdefault(key, {})[epoch] = value
+    return series
+
+
+def write_curves(metrics_csv: Path, output: Path | None = None, title: str = "") -> Path | None:
+    """curves.png (loss and accuracy per epoch, train and val) beside metrics.csv; None when no epoch ended."""
+    metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        return None
+    series = epoch_series(metrics_csv)
+    panels = [(name, [(series[col], label) for col, label in cols if series.get(col)]) for name, cols in CURVE_PANELS]
+    panels = [(name, lines) for name, lines in panels if lines]
+    if not panels:
+        return None
+    fig = _figure(figsize=(5.0 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, lines) in zip(axes, panels):
+        for points, label in lines:
+            epochs = sorted(points)
+            # Epochs count from 1 on the axis, as the progress bar shows them.
+            ax.plot([e + 1 for e in epochs], [points[e] for e in epochs], marker="o", markersize=3, label=label)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no epoch 1.5
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    output = Path(output) if output is not None else metrics_csv.parent / CURVES_NAME
+    fig.savefig(output, dpi=110)
+    return output
+
+
+def write_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str], output: Path,
+                           title: str = "") -> Path:
+    """A (true x predicted) count matrix as a heatmap; colours are row-normalized (recall per class), so a
+    rare class's mistakes stay visible next to a frequent class, and each cell prints its count."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    n = len(class_names)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    side = min(2.0 + 0.55 * n, 24.0)
+    fig = _figure(figsize=(side + 1.5, side))
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), labels=list(class_names), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:  # beyond that the numbers would not fit in the cells
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")
+    if title:
+        ax.set_title(title, fontsize=10)
+    output = Path(output)
+    fig.savefig(output, dpi=110)
+    return output
+
+
+def write_label_matrices(matrices: Sequence[Any], class_names: Sequence[str], output: Path, title: str = "") -> Path:
+    """Multi-label: one 2x2 (true absent/present x predicted absent/present) matrix per label, side by side."""
+    import numpy as np
+
+    n = len(class_names)
+    cols = min(n, 6)
+    rows = math.ceil(n / cols)
+    fig = _figure(figsize=(2.2 * cols, 2.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k, name in enumerate(class_names):
+        counts = np.asarray(matrices[k], dtype=np.int64)
+        ax = axes.flat[k]
+        ax.set_axis_on()
+        ax.imshow(counts, cmap="Blues")
+        ax.set_xticks([0, 1], labels=["no", "yes"])
+        ax.set_yticks([0, 1], labels=["no", "yes"])
+        ax.set_title(name, fontsize=9)
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if counts[i, j] > counts.max() / 2 else "black")
+    fig.supxlabel("predicted")
+    fig.supylabel("true")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    output = Path(output)
+    fig.savefig(output, dpi=110)
+    return output
+
+
+__all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "epoch_series", "CURVES_NAME",
+           "CONFUSION_NAME"]
