@@ -1,0 +1,163 @@
+"""Sweeps as a user runs them: `transfer train -m` subprocesses on tiny data, the summary files, Optuna studies."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from transfer_cli.cli import main
+from transfer_cli.sweeps.summary import build_summary
+
+
+def tiny_args(root):
+    return ["~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
+            "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=1", "data.batch_size=4",
+            "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
+            "trainer.enable_progress_bar=false"]
+
+
+def transfer(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def summary_rows(sweep_dir):
+    with open(sweep_dir / "sweep_summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_imagefolder):
+    sweep = tmp_path / "sweep"
+    # SGD rejects a negative momentum; AdamW has no momentum: exactly one of the four combinations fails.
+    out = transfer("train", "-m", *tiny_args(tiny_imagefolder), "optimizer=sgd,adamw",
+                   "optimizer.momentum=0.9,-1.0", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]  # the sweep finished, but not every job did
+    assert "1 of 4 sweep jobs failed" in " ".join(out.stderr.split())
+    rows = summary_rows(sweep)
+    assert len(rows) == 4
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok", "ok"]
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert "optimizer=sgd" in failed["overrides"] and "optimizer.momentum=-1.0" in failed["overrides"]
+    assert "momentum" in failed["error"] and failed["val/acc"] == ""
+    assert rows[-1] is failed  # ranked jobs first, those without a value last
+    for row in rows[:3]:
+        assert 0.0 <= float(row["val/acc"]) <= 1.0 and row["epochs"] == "1" and float(row["wall_time_s"]) > 0
+        assert (tmp_path / row["run_dir"] / "checkpoints" / "last.ckpt").is_file()
+    values = [float(r["val/acc"]) for r in rows[:3]]
+    assert values == sorted(values, reverse=True)
+    best = rows[0]["overrides"].split()
+    assert "transfer train" in out.stdout and all(o in out.stdout.replace("\n", " ") for o in best[-2:])
+    md = (sweep / "sweep_summary.md").read_text()
+    assert "3 ok, 1 failed" in md and "Invalid momentum" in md
+    assert (sweep / "sweep_summary.png").stat().st_size > 10_000
+
+    # An interrupted sweep: one job never wrote its record, the summary files are gone. The command rebuilds them.
+    interrupted = rows[1]["run_dir"]
+    os.remove(os.path.join(interrupted, "job.json"))
+    for name in ("sweep_summary.csv", "sweep_summary.md", "sweep_summary.png"):
+        (sweep / name).unlink()
+    main(["sweep-summary", str(sweep)])
+    rebuilt = summary_rows(sweep)
+    assert sorted(r["status"] for r in rebuilt) == ["failed", "interrupted", "ok", "ok"]
+    again = next(r for r in rebuilt if r["run_dir"] == interrupted)
+    assert again["val/acc"] == rows[1]["val/acc"]  # still read from the run's metrics.csv
+    assert (sweep / "sweep_summary.png").is_file() and (sweep / "sweep_summary.md").is_file()
+
+
+def write_record(job_dir, overrides, status, best, monitor="val/loss"):
+    job_dir.mkdir(parents=True)
+    record = {"job": job_dir.name, "overrides": overrides, "status": status, "monitor": monitor, "mode": "min",
+              "best": best, "epochs": 3 if best is not None else None, "wall_time_s": 1.0,
+              "run_dir": str(job_dir), "error": "" if status == "ok" else "RuntimeError: boom", "extra": {}}
+    (job_dir / "job.json").write_text(json.dumps(record))
+
+
+def test_summary_ranks_by_the_monitor_direction_and_prints_the_best_command(tmp_path, capsys):
+    write_record(tmp_path / "0", ["optimizer.lr=0.1", "seed=1"], "ok", 0.9)
+    write_record(tmp_path / "1", ["optimizer.lr=0.01", "seed=1"], "ok", 0.3)
+    write_record(tmp_path / "2", ["optimizer.lr=0.001", "seed=1"], "failed", None)
+    write_record(tmp_path / "10", ["optimizer.lr=1e-4", "seed=1"], "ok", 0.5)
+    summary = build_summary(tmp_path, monitor="val/loss", mode="min")
+    assert [r.job for r in summary.records] == ["1", "10", "0", "2"]
+    assert summary.swept == ["optimizer.lr"]  # seed is the same everywhere
+    assert summary.best_command == "transfer train optimizer.lr=0.01 seed=1"
+    printed = capsys.readouterr().out
+    assert "transfer train optimizer.lr=0.01 seed=1" in printed and "boom" in printed
+    assert "lower is better" in (tmp_path / "sweep_summary.md").read_text()
+
+
+def test_sweep_summary_of_a_dir_without_jobs_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep-summary", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "holds no sweep jobs" in err and "fix:" in err
+
+
+def test_missing_plugin_names_the_extra_to_install(tmp_path):
+    # The environment without the plugin: its module resolves to nothing, as when it is not installed.
+    probe = ("import sys; sys.modules['hydra_plugins.hydra_submitit_launcher'] = None\n"
+             "from transfer_cli.cli import main; main(sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-c", probe, "train", "-m", "hydra/launcher=slurm"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "pip install 'transfer-cli[slurm]'" in " ".join(out.stderr.split()) and "Traceback" not in out.stderr
+
+
+def test_slurm_launcher_and_ddp_trainer_compose(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from transfer_cli.config.compose import config_dir
+    from transfer_cli.config.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.timeout_min == 240
+    assert cfg.trainer.strategy == "ddp"
+
+
+def optuna_trials(db, study_name="default"):
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+    return [t.state for t in study.trials], TrialState
+
+
+@pytest.mark.slow
+def test_interrupted_optuna_study_continues_to_n_trials(tmp_path, tiny_imagefolder):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "study"
+    args = ["train", "-m", *tiny_args(tiny_imagefolder), "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+            f"hydra.sweep.dir={sweep}"]
+    # Kill the first session (SIGKILL, no clean-up) once its second trial has started: the first is done.
+    first = subprocess.Popen([sys.executable, "-m", "transfer_cli", *args], cwd=tmp_path, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(sweep.glob("*/.hydra/overrides.yaml"))) < 2 and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    states, TrialState = optuna_trials(sweep / "optuna.db")
+    assert states.count(TrialState.COMPLETE) == 1, states  # one trial done, the next one cut off
+
+    out = transfer(*args, cwd=tmp_path)  # the same command again
+    assert out.returncode == 0, out.stderr[-3000:]
+    states, TrialState = optuna_trials(sweep / "optuna.db")
+    assert states.count(TrialState.COMPLETE) == 3, states
+    assert states.count(TrialState.RUNNING) == 0
+    rows = summary_rows(sweep)
+    assert sum(r["status"] == "ok" for r in rows) == 3
+    assert all("optimizer.lr=" in r["overrides"] for r in rows if r["status"] == "ok")
