@@ -15,7 +15,8 @@ examples:
   transfer train model.backbone=convnext_tiny transfer=fine_tune optimizer.lr=3e-4 \\
                  trainer=gpu trainer.precision=bf16-mixed
   transfer train debug=fast_dev_run                 # one batch through everything
-  transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep
+  transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep, summarised in its sweep dir
+  transfer train -m hparams_search=optuna           # an Optuna search (pip install 'transfer-cli[optuna]')
   transfer train --help                             # every config group and key
 """
 
@@ -40,12 +41,48 @@ def _lr_find(args: list[str]) -> None:
     lr_find_command(args)
 
 
+def _eval(args: list[str]) -> None:
+    from transfer_cli.commands.evaluate import eval_command  # torch loads only once the arguments are valid
+
+    eval_command(args)
+
+
+def _predict(args: list[str]) -> None:
+    from transfer_cli.commands.predict import predict_command
+
+    predict_command(args)
+
+
+def _export(args: list[str]) -> None:
+    from transfer_cli.commands.export import export_command
+
+    export_command(args)
+
+
+def _sweep_summary(args: list[str]) -> None:
+    from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
+
+    if len(args) != 1 or "=" in args[0]:
+        raise TransferError("sweep-summary takes one argument: the sweep dir",
+                            "transfer sweep-summary multirun/<name>/<date_time>")
+    summary = build_summary(args[0])
+    print("wrote " + ", ".join(str(p) for p in summary.files))
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "train": ("train a classifier from the composed config (Hydra overrides: key=value, -m for sweeps)", _train),
     "augment-preview": ("PNG grid of augmented training samples [overrides] [n=16] [output=FILE.png]",
                         _augment_preview),
     "lr-find": ("LR range test on the configured run: lr_find.png and the optimizer.lr to use [overrides] "
                 "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]", _lr_find),
+    "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
+                      _sweep_summary),
+    "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json "
+             "ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] [data.*=...] [eval.tta=...]", _eval),
+    "predict": ("predict images with a checkpoint: one CSV row per image ckpt=<run dir|.ckpt> "
+                "input=<image|dir|csv> [output=predictions.csv] [topk=3]", _predict),
+    "export": ("export a checkpoint with its preprocessing and class names, checked against PyTorch "
+               "ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [atol=1e-4]", _export),
 }
 
 
@@ -71,10 +108,12 @@ def _help() -> str:
 def print_error(err: TransferError) -> None:
     from rich.console import Console
 
+    from rich.markup import escape  # a message may hold brackets, e.g. pip install 'transfer-cli[slurm]'
+
     console = Console(stderr=True)
-    console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
     if err.fix:
-        console.print(f"[bold green]fix:[/] {err.fix}", highlight=False)
+        console.print(f"[bold green]fix:[/] {escape(err.fix)}", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transfer_cli.data.datamodule import ImageDataModule
 from transfer_cli.data.gpu_decode import resolve_decode
 from transfer_cli.data.sources import DataSplits, discover
+from transfer_cli.lifecycle.fit import fit
 from transfer_cli.models.combined import build_backbone
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.reporting import print_config_tree, print_summary
@@ -37,6 +38,20 @@ def _plain(value: Any) -> Any:
 def _metric(trainer: pl.Trainer, key: str) -> float | None:
     value = trainer.callback_metrics.get(key)
     return None if value is None else float(value)
+
+
+def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: DictConfig) -> None:
+    """curves.png from metrics.csv; a plot never fails a run, so any error is only logged."""
+    if not trainer.is_global_zero:
+        return
+    try:
+        from transfer_cli.plots import write_curves
+
+        path = write_curves(run_dir / "metrics.csv", title=f"{cfg.name}: {cfg.model.backbone}, {cfg.transfer.mode}")
+        if path is not None:
+            log.info("training curves: %s", path)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write curves.png: %s: %s", type(e).__name__, e)
 
 
 @dataclass
@@ -101,7 +116,10 @@ def train(cfg: DictConfig) -> dict:
         from transfer_cli.finders import scale_batch_size
 
         scale_batch_size(run, cfg)
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        fit(trainer, module, datamodule, cfg, run_dir)  # or continue cfg.resume; exits 143/130 on SIGTERM/SIGINT
+    finally:  # also after a failure or an interrupt: the epochs that did finish are worth a look
+        _write_curves(trainer, run_dir, cfg)
 
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None

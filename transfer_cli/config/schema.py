@@ -134,6 +134,8 @@ class SchedulerConfig:
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
+    strategy: str = "auto"  # ddp (trainer=ddp): one process per device; data.batch_size is per device
+    num_nodes: int = 1
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     max_epochs: int = 10
     min_epochs: Optional[int] = None
@@ -173,6 +175,7 @@ class CallbacksConfig:
     rich_progress: bool = True
     ema: bool = False  # validate, test and save an exponential moving average of the weights (raw ones kept too)
     ema_decay: float = 0.999
+    checkpoint_every_n_steps: int = 0  # >0: also refresh last.ckpt every N optimizer steps (long epochs); 0: off
 
 
 @dataclass
@@ -192,6 +195,7 @@ class TrainConfig:
     seed: int = 42
     task: str = "multiclass"  # multiclass: one class per image (softmax) | multilabel: a label set (sigmoid)
     multilabel_threshold: float = 0.5  # multilabel: a label is predicted when its sigmoid >= this (F1, predictions)
+    resume: Optional[str] = None  # a run dir, its .ckpt, or last: continue that run (transfer_cli/lifecycle)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
