@@ -128,12 +128,14 @@ def write_plot(summary: SweepSummary, path: Path) -> None:
     panels = 1 + len(summary.swept)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     ax = axes[0][0]
-    heights = [r.best if r.best is not None else 0.0 for r in by_job]
-    colors = ["tab:blue" if r.status == "ok" else "tab:red" for r in by_job]
-    ax.bar(range(len(by_job)), heights, color=colors)
+    # Points, not bars: the y-axis then spans the values, where jobs of a sweep usually differ by a few tenths.
+    scored = [(i, r.best) for i, r in enumerate(by_job) if r.best is not None]
+    ax.scatter([i for i, _ in scored], [b for _, b in scored], color="tab:blue")
     for i, r in enumerate(by_job):
-        if r.status != "ok":
-            ax.annotate(r.status, (i, 0), ha="center", va="bottom", rotation=90, fontsize=8)
+        if r.status != "ok":  # at the bottom of the axes, whatever the value range
+            ax.annotate(r.status, (i, 0.02), xycoords=ax.get_xaxis_transform(), ha="center", va="bottom",
+                        rotation=90, fontsize=8, color="tab:red")
+    ax.set_xlim(-0.5, len(by_job) - 0.5)
     ax.set_xticks(range(len(by_job)), [r.job for r in by_job])
     ax.set(title=f"best {summary.monitor} per job", xlabel="job", ylabel=summary.monitor)
     for ax, key in zip(axes[0][1:], summary.swept):
