@@ -275,12 +275,16 @@ def reference_6_epochs(tmp_path_factory):
     return root, weights(summary["last_checkpoint"])
 
 
+def start_subprocess_run(root, run, cwd):
+    args = [a for a in overrides(root, run, *SUBPROCESS_RUN) if not a.startswith("paths.")]
+    return cli(*args, f"hydra.run.dir={run}", cwd=cwd)
+
+
 @pytest.mark.slow
 def test_kill_9_at_a_random_step_then_resume_finishes_the_same_run(tmp_path, reference_6_epochs):
     root, reference = reference_6_epochs
     run = tmp_path / "run"
-    args = [a for a in overrides(root, run, *SUBPROCESS_RUN) if not a.startswith("paths.")]
-    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = start_subprocess_run(root, run, tmp_path)
     target = random.randint(1, 22)  # of 24 steps; the kill may land mid-step or mid-write of the next checkpoint
     wait_for_step(run, target, proc)
     proc.send_signal(signal.SIGKILL)
@@ -301,8 +305,7 @@ def test_kill_9_at_a_random_step_then_resume_finishes_the_same_run(tmp_path, ref
 def test_sigterm_saves_a_resumable_checkpoint_and_prints_the_command(tmp_path, reference_6_epochs):
     root, reference = reference_6_epochs
     run = tmp_path / "run"
-    args = [a for a in overrides(root, run, *SUBPROCESS_RUN) if not a.startswith("paths.")]
-    proc = cli(*args, f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = start_subprocess_run(root, run, tmp_path)
     wait_for_step(run, random.randint(1, 22), proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
