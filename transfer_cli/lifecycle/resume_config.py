@@ -99,7 +99,7 @@ def newest_run(name: str, outputs: Path = Path("outputs")) -> Path:
             return run
         log.info("resume=last: skipping %s (no checkpoint)", run)
     raise TransferError(f"resume=last found no run of experiment '{name}' with a checkpoint under {root}",
-                        f"start a run first (transfer train experiment=...), run from the folder that holds outputs/, "
+                        "start a run first (transfer train experiment=...), run from the folder that holds outputs/, "
                         "or pick another experiment: transfer train resume=last experiment=NAME")
 
 
