@@ -85,6 +85,23 @@ def test_eval_reports_the_trainers_accuracy(tiny_run, tmp_path):
     assert val["metrics"]["acc"] == pytest.approx(summary["val_acc"], abs=1e-6)
 
 
+def test_test_ckpt_last_scores_the_final_weights(tiny_run, tmp_path):
+    _, _, root = tiny_run
+    cfg = compose([
+        "~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
+        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=3", "data.batch_size=4", "data.num_workers=0",
+        "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
+        "augmentation=none", "transfer=feature_extract", "optimizer.lr=0.05", "callbacks.test_ckpt=last",
+        f"paths.output_dir={tmp_path / 'run'}",
+    ])
+    summary = train(cfg)
+    assert summary["test_checkpoint"] == summary["last_checkpoint"] != summary["best_checkpoint"]
+    last = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2  # the final epoch's weights, whatever validation preferred
+    report = evaluate(summary["last_checkpoint"], output=tmp_path / "eval")
+    assert report["metrics"]["acc"] == pytest.approx(summary["test_acc"], abs=1e-6)
+
+
 def test_eval_refuses_data_with_classes_the_checkpoint_never_saw(tiny_run, tmp_path, make_image_folder):
     _, run_dir, _ = tiny_run
     other = make_image_folder(tmp_path / "zoo", classes=("cat", "zebra"), per_class=2)

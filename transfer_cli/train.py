@@ -102,6 +102,15 @@ def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
     return RunParts(splits, model, images, datamodule, module, trainer, cache)
 
 
+def _test_checkpoint(cfg: DictConfig, best_path: str | None, last: Path) -> str | None:
+    """The checkpoint the end-of-run test loads; None tests the weights as training left them."""
+    # A small validation split picks its epoch noisily; `last` scores the final weights, a choice made before
+    # any number is seen (with callbacks.ema those are the EMA weights either way).
+    if OmegaConf.select(cfg, "callbacks.test_ckpt", default="best") == "last":
+        return str(last) if last.is_file() else None
+    return best_path
+
+
 def train(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir).expanduser().resolve()
@@ -136,6 +145,7 @@ def train(cfg: DictConfig) -> dict:
         "epochs": int(trainer.current_epoch),
         "best_checkpoint": best_path,
         "last_checkpoint": str(last) if last.is_file() else None,
+        "test_checkpoint": None,
         "run_dir": str(run_dir),
         "num_classes": len(splits.class_names),
         "class_names": list(splits.class_names),
@@ -149,7 +159,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.task == "multilabel":  # acc is the exact-match rate there; mAP is the headline
         summary.update(task=cfg.task, val_mAP=best_or_last("val/mAP"), val_f1=best_or_last("val/f1"), test_mAP=None)
     if splits.test:
-        trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        summary["test_checkpoint"] = _test_checkpoint(cfg, best_path, last)
+        trainer.test(module, datamodule=datamodule, ckpt_path=summary["test_checkpoint"], verbose=False)
         summary["test_acc"] = _metric(trainer, "test/acc")
         if cfg.task == "multilabel":
             summary["test_mAP"] = _metric(trainer, "test/mAP")

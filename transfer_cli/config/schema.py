@@ -176,6 +176,7 @@ class CallbacksConfig:
     ema: bool = False  # validate, test and save an exponential moving average of the weights (raw ones kept too)
     ema_decay: float = 0.999
     checkpoint_every_n_steps: int = 0  # >0: also refresh last.ckpt every N optimizer steps (long epochs); 0: off
+    test_ckpt: str = "best"  # the weights the end-of-run test scores: best (picked on val) | last (final epoch)
 
 
 @dataclass
@@ -227,6 +228,7 @@ CHOICES: Dict[str, List[str]] = {
     "data.sampler": ["shuffle", "balanced"],
     "eval.tta": ["none", "hflip", "flips", "multicrop"],
     "callbacks.mode": ["max", "min"],
+    "callbacks.test_ckpt": ["best", "last"],
     "task": ["multiclass", "multilabel"],
 }
 

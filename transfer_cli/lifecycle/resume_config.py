@@ -39,6 +39,7 @@ SAFE_ON_RESUME = (
     "callbacks.rich_progress",
     "callbacks.checkpoint_every_n_steps",
     "callbacks.early_stopping_patience",
+    "callbacks.test_ckpt",  # which checkpoint the end-of-run test scores; training is the same either way
     "transfer.cache_dir",
 )
 # Only with resume=last: they pick the experiment whose newest run continues, and must match that run.
