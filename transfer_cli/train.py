@@ -104,8 +104,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
 
 def _test_checkpoint(cfg: DictConfig, best_path: str | None, last: Path) -> str | None:
     """The checkpoint the end-of-run test loads; None tests the weights as training left them."""
-    # A small validation split picks its epoch noisily; `last` scores the final weights, a choice made before
-    # any number is seen (with callbacks.ema those are the EMA weights either way).
+    # A small validation split picks its epoch noisily; `last` takes that pick out of the measurement (with
+    # callbacks.ema both checkpoints hold EMA weights).
     if OmegaConf.select(cfg, "callbacks.test_ckpt", default="best") == "last":
         return str(last) if last.is_file() else None
     return best_path
