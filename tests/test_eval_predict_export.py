@@ -28,6 +28,16 @@ from transfer_cli.train import train
 CLASSES = ("cat", "dog", "red", "green", "blue")  # five, so top-5 accuracy is reported
 
 
+def tiny_cfg(root, run_dir, *overrides):
+    return compose([
+        "~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
+        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=2", "data.batch_size=4", "data.num_workers=0",
+        "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
+        "augmentation=none", "transfer=feature_extract", "optimizer.lr=0.05", f"paths.output_dir={run_dir}",
+        *overrides,
+    ])
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One trained run shared by every test here: 5 classes, train/val/test folders, 32 px."""
@@ -36,14 +46,7 @@ def tiny_run(tmp_path_factory):
     rng = np.random.default_rng(7)
     for k, c in enumerate(CLASSES):
         write_class_images(root / "test" / c, k, 2, 32, rng)
-    cfg = compose([
-        "~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=2", "data.batch_size=4", "data.num_workers=0",
-        "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
-        "augmentation=none", "transfer=feature_extract", "transfer.cache_features=false", "optimizer.lr=0.05",
-        f"paths.output_dir={tmp / 'run'}",
-    ])
-    summary = train(cfg)
+    summary = train(tiny_cfg(root, tmp / "run", "transfer.cache_features=false"))
     return summary, tmp / "run", root
 
 
@@ -87,14 +90,7 @@ def test_eval_reports_the_trainers_accuracy(tiny_run, tmp_path):
 
 def test_test_ckpt_last_scores_the_final_weights(tiny_run, tmp_path):
     _, _, root = tiny_run
-    cfg = compose([
-        "~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=3", "data.batch_size=4", "data.num_workers=0",
-        "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
-        "augmentation=none", "transfer=feature_extract", "optimizer.lr=0.05", "callbacks.test_ckpt=last",
-        f"paths.output_dir={tmp_path / 'run'}",
-    ])
-    summary = train(cfg)
+    summary = train(tiny_cfg(root, tmp_path / "run", "trainer.max_epochs=3", "callbacks.test_ckpt=last"))
     assert summary["test_checkpoint"] == summary["last_checkpoint"] != summary["best_checkpoint"]
     last = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert last["epoch"] == 2  # the final epoch's weights, whatever validation preferred
