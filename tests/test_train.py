@@ -121,6 +121,38 @@ def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder):
     assert meta["data_config"]["input_size"] == [3, 32, 32]
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_val_fraction_zero_trains_on_all_but_the_test_split(tmp_path, make_image_folder, cached):
+    root = make_image_folder(tmp_path / "data", per_class=8, layout="flat")
+    summary = train(tiny_cfg(tmp_path, root, "data.val_fraction=0", "data.test_fraction=0.25",
+                             "callbacks.test_ckpt=last", "transfer=feature_extract", "augmentation=none",
+                             f"transfer.cache_features={str(cached).lower()}"))
+    assert (summary["train_size"], summary["val_size"], summary["test_size"]) == (12, 0, 4)
+    assert summary["feature_cache"] is cached
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "checkpoints" / "best.ckpt").exists()
+    assert summary["best_checkpoint"] is None and summary["val_acc"] is None
+    assert summary["test_checkpoint"] == summary["last_checkpoint"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert load_ckpt(summary["last_checkpoint"])["epoch"] == 1  # both epochs trained
+    assert summary["test_acc"] is not None
+    with open(run_dir / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert "train/loss_epoch" in columns and not [c for c in columns if c.startswith("val/")]
+
+
+def test_val_fraction_zero_refuses_what_needs_validation_before_training(tmp_path, make_image_folder):
+    root = make_image_folder(tmp_path / "data", per_class=8, layout="flat")
+    cfg = tiny_cfg(tmp_path, root, "data.val_fraction=0", "callbacks.early_stopping_patience=2")
+    with pytest.raises(TransferError) as err:
+        train(cfg)
+    assert "callbacks.test_ckpt=last" in str(err.value) and "callbacks.early_stopping_patience=0" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a watched training metric needs no validation split
+    cfg = tiny_cfg(tmp_path, root, "data.val_fraction=0", "callbacks.test_ckpt=last", "scheduler=plateau",
+                   "scheduler.monitor=train/loss_epoch", "scheduler.mode=min", "trainer.max_epochs=1")
+    assert train(cfg)["epochs"] == 1
+
+
 def test_bad_images_within_budget_are_listed(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", bad=2)
     summary = train(tiny_cfg(tmp_path, root, "data.max_bad_images=2", "trainer.max_epochs=1"))

@@ -90,7 +90,7 @@ def build_data(cfg: DictConfig, run_dir: Path) -> tuple[DataSplits, Classifier, 
 def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
     pl.seed_everything(cfg.seed, workers=True)
     splits, model, images, meta = build_data(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, validate=bool(splits.val))
     decode_device = resolve_decode(cfg.data.decode, trainer.strategy.root_device)
     if decode_device is not None:
         images.decode_on(decode_device)
@@ -130,7 +130,7 @@ def train(cfg: DictConfig) -> dict:
     finally:  # also after a failure or an interrupt: the epochs that did finish are worth a look
         _write_curves(trainer, run_dir, cfg)
 
-    ckpt = trainer.checkpoint_callback
+    ckpt = trainer.checkpoint_callback if splits.val else None  # without validation the first one is last.ckpt
     best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     best_score = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
     last = run_dir / CHECKPOINT_DIR / "last.ckpt"

@@ -205,7 +205,7 @@ class ImageDataModule(pl.LightningDataModule):
         dropped = {p for p, _ in bad}
         self._samples = {split: [s for s in getattr(self.splits, split) if s[0] not in dropped] for split in SPLITS}
         for split in ("train", "val"):
-            if not self._samples[split]:
+            if getattr(self.splits, split) and not self._samples[split]:  # an empty val: data.val_fraction=0
                 raise TransferError(
                     f"every image of the {split} split is unreadable:\n{format_bad(bad)}",
                     "remove or repair those files",

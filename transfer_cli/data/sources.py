@@ -132,11 +132,11 @@ def discover(data_cfg: Any, task: str = "multiclass") -> DataSplits:
         splits = from_elpv(data_cfg)
     else:
         raise TransferError(f"unknown data.source '{source}'", "use data.source=imagefolder|csv|elpv")
-    _check(splits)
+    _check(splits, allow_no_val=float(data_cfg.val_fraction) == 0)
     return splits
 
 
-def _check(splits: DataSplits) -> None:
+def _check(splits: DataSplits, allow_no_val: bool = False) -> None:
     if len(splits.class_names) < 2:
         names = ", ".join(splits.class_names) or "none"
         raise TransferError(
@@ -145,7 +145,9 @@ def _check(splits: DataSplits) -> None:
         )
     if not splits.train:
         raise TransferError(f"the train split of {splits.source_desc} is empty", "add training images")
-    if not splits.val:
+    # data.val_fraction=0 asks for no validation (train on all but the test split); anywhere else an empty
+    # validation split is a mistake.
+    if not splits.val and not allow_no_val:
         raise TransferError(
             f"the validation split of {splits.source_desc} is empty",
             "provide a val/ folder (or split=val rows), or set data.val_fraction=0.2",

@@ -24,15 +24,16 @@ CHECKPOINT_DIR = "checkpoints"
 MODULE_ARGS = ("compile", "channels_last")
 
 
-def build_callbacks(cfg: Any, run_dir: Path) -> list[Callback]:
+def build_callbacks(cfg: Any, run_dir: Path, validate: bool = True) -> list[Callback]:
+    """validate=False: the run has no validation split, so nothing is monitored and there is no best.ckpt."""
     cb = cfg.callbacks
     checkpoints = run_dir / CHECKPOINT_DIR
     # best.ckpt and last.ckpt come from two callbacks: Lightning 2.6's save_last only refreshes last.ckpt in
     # epochs where the monitored metric improved, so a plain save_last=True can leave a stale "last".
-    callbacks: list[Callback] = [
-        ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=cb.monitor, mode=cb.mode, save_top_k=1,
-                        auto_insert_metric_name=False, enable_version_counter=False)
-    ]
+    callbacks: list[Callback] = []
+    if validate:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=cb.monitor, mode=cb.mode,
+                                         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False))
     if cb.save_last:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
@@ -82,7 +83,28 @@ def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
+def check_without_validation(cfg: Any) -> None:
+    """Refuse, before any training, what needs a validation metric in a run that has none (data.val_fraction=0)."""
+    conflicts = []
+    if OmegaConf.select(cfg, "callbacks.test_ckpt", default="best") == "best":
+        conflicts.append(("callbacks.test_ckpt=best picks its epoch on validation", "callbacks.test_ckpt=last"))
+    monitor = str(cfg.callbacks.monitor)
+    if cfg.callbacks.early_stopping_patience > 0 and monitor.startswith("val/"):
+        conflicts.append((f"early stopping watches {monitor}", "callbacks.early_stopping_patience=0"))
+    plateau_monitor = str(OmegaConf.select(cfg, "scheduler.monitor") or monitor)
+    if cfg.scheduler.name == "plateau" and plateau_monitor.startswith("val/"):
+        conflicts.append((f"scheduler=plateau watches {plateau_monitor}", "scheduler=cosine"))
+    if conflicts:
+        raise TransferError(
+            "the run has no validation split (data.val_fraction=0), but " + "; ".join(why for why, _ in conflicts),
+            "set " + " ".join(fix for _, fix in conflicts) + ", or keep a validation split: data.val_fraction=0.1",
+        )
+
+
+def build_trainer(cfg: Any, run_dir: Path, validate: bool = True) -> pl.Trainer:
+    """validate=False: the data has no validation split, see check_without_validation."""
+    if not validate:
+        check_without_validation(cfg)
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     extra = args.pop("kwargs", {}) or {}  # +trainer.kwargs.X: any other pl.Trainer argument
     args.pop("auto_batch_size", None)  # ours, not a pl.Trainer argument: train() runs the Tuner
@@ -93,6 +115,8 @@ def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
         # Every batch has the configured input size, so cuDNN's per-shape autotuning pays for itself at once.
         args["benchmark"] = True
     args.update(extra)
+    if not validate:  # no validation split: Lightning then never asks for the val loader
+        args.update(limit_val_batches=0, num_sanity_val_steps=0)
     # Checkpoints are written to a temp file and renamed: a kill mid-write never damages the previous one.
     plugins = args.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -102,7 +126,7 @@ def build_trainer(cfg: Any, run_dir: Path) -> pl.Trainer:
         return pl.Trainer(
             default_root_dir=str(run_dir),
             logger=loggers if loggers else False,
-            callbacks=build_callbacks(cfg, run_dir),
+            callbacks=build_callbacks(cfg, run_dir, validate),
             **args,
         )
     except TypeError as e:  # an unknown +trainer.kwargs.X
