@@ -152,9 +152,11 @@ def test_empty_class_single_class_and_empty_val(make_image_folder, tmp_path):
     single = make_image_folder(tmp_path / "b", classes=("only",), per_class=4, size=8, layout="flat")
     with pytest.raises(TransferError, match="single class"):
         discover(cfg(root=str(single)))
-    flat = make_image_folder(tmp_path / "c", per_class=4, size=8, layout="flat")
-    with pytest.raises(TransferError, match="validation split .* is empty"):
-        discover(cfg(root=str(flat), val_fraction=0.0))
+    flat = make_image_folder(tmp_path / "c", per_class=1, size=8, layout="flat")
+    with pytest.raises(TransferError, match="validation split .* is empty"):  # one image per class stays in train
+        discover(cfg(root=str(flat), val_fraction=0.2))
+    no_val = discover(cfg(root=str(flat), val_fraction=0.0))  # asked for: train on everything
+    assert len(no_val.train) == 2 and not no_val.val
     extra = make_image_folder(tmp_path / "d", per_class=2, size=8)
     (extra / "val" / "cow").mkdir()
     Image.new("RGB", (8, 8)).save(extra / "val" / "cow" / "x.png")
