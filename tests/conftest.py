@@ -26,6 +26,15 @@ def write_class_images(folder: Path, k: int, n: int, size: int, rng: np.random.G
         class_image(k, size, rng).save(folder / f"{prefix}{i:03d}.png")
 
 
+def tiny_run_overrides(root, run_dir=None, *extra: str, backbone: str = "test_efficientnet") -> list[str]:
+    """The overrides every tiny training run starts from: `root`'s ImageFolder, a random-init tiny timm model at
+    32 px, CPU, batch 4, no workers, no progress output; the run in `run_dir` (None: Hydra's own run dir)."""
+    return ["~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={backbone}",
+            "model.pretrained=false", "trainer=cpu", "data.batch_size=4", "data.num_workers=0",
+            "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
+            *([f"paths.output_dir={run_dir}"] if run_dir is not None else []), *extra]
+
+
 def _make_image_folder(
     root: Path,
     classes: Sequence[str] = ("cat", "dog"),

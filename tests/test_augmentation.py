@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_run_overrides
 from PIL import Image
 from timm.data.mixup import mixup_target
 
@@ -33,10 +34,7 @@ def model_overrides(size=24):
 
 
 def run_overrides(tmp_path, root, *overrides):
-    return ["~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={BACKBONE}",
-            "model.pretrained=false", "trainer=cpu", "data.num_workers=0", "data.image_size=32",
-            "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
-            f"paths.output_dir={tmp_path / 'run'}", *overrides]
+    return tiny_run_overrides(root, tmp_path / "run", *overrides, backbone=BACKBONE)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import _make_image_folder, write_class_images
+from conftest import _make_image_folder, tiny_run_overrides, write_class_images
 from PIL import Image
 
 from transfer_cli.commands.evaluate import evaluate
@@ -29,13 +29,8 @@ CLASSES = ("cat", "dog", "red", "green", "blue")  # five, so top-5 accuracy is r
 
 
 def tiny_cfg(root, run_dir, *overrides):
-    return compose([
-        "~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=2", "data.batch_size=4", "data.num_workers=0",
-        "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
-        "augmentation=none", "transfer=feature_extract", "optimizer.lr=0.05", f"paths.output_dir={run_dir}",
-        *overrides,
-    ])
+    return compose(tiny_run_overrides(root, run_dir, "trainer.max_epochs=2", "augmentation=none",
+                                      "transfer=feature_extract", "optimizer.lr=0.05", *overrides))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import class_image
+from conftest import class_image, tiny_run_overrides
 
 from transfer_cli.config.compose import compose
 from transfer_cli.data.images import ImageDataset
@@ -22,14 +22,9 @@ BACKBONE = "test_efficientnet"
 
 
 def tiny_cfg(tmp_path, root, run="run", *overrides):
-    return compose([
-        "~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={BACKBONE}",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=2", "data.batch_size=4",
-        "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
-        "trainer.enable_progress_bar=false", "transfer=feature_extract", "augmentation=none",
-        "optimizer.lr=0.02", f"transfer.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / run}",
-        *overrides,
-    ])
+    return compose(tiny_run_overrides(
+        root, tmp_path / run, "trainer.max_epochs=2", "transfer=feature_extract", "augmentation=none",
+        "optimizer.lr=0.02", f"transfer.cache_dir={tmp_path / 'cache'}", *overrides, backbone=BACKBONE))
 
 
 def head_weights(summary):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import tiny_run_overrides
 from transfer_cli.config.compose import compose
 from transfer_cli.data.datamodule import ImageDataModule
 from transfer_cli.data.gpu_decode import EncodedBatch, apply_orientation, read_encoded, resolve_decode, split_pipeline
@@ -123,26 +124,16 @@ def test_decode_gpu_without_cuda_falls_back_with_a_message(tmp_path, tiny_imagef
         assert resolve_decode("gpu", torch.device("cpu")) is None
     assert "data.decode=gpu needs a CUDA device" in caplog.text
 
-    cfg = compose([
-        "~experiment", "data=imagefolder", f"data.root={tiny_imagefolder}", "model.backbone=test_efficientnet",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=1", "data.batch_size=4",
-        "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
-        "trainer.enable_progress_bar=false", "transfer=fine_tune", "data.decode=gpu",
-        f"paths.output_dir={tmp_path / 'run'}",
-    ])
+    cfg = compose(tiny_run_overrides(tiny_imagefolder, tmp_path / "run", "trainer.max_epochs=1", "transfer=fine_tune",
+                                     "data.decode=gpu"))
     summary = train(cfg)
     assert summary["val_acc"] is not None
 
 
 def test_lightning_fit_with_device_decoding(tmp_path, tiny_imagefolder):
     """The Trainer path: batches stay encoded through the workers, on_before_batch_transfer decodes them."""
-    cfg = compose([
-        "~experiment", "data=imagefolder", f"data.root={tiny_imagefolder}", "model.backbone=test_resnet",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=1", "data.batch_size=4",
-        "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
-        "trainer.enable_progress_bar=false", "transfer=fine_tune", "augmentation=light",
-        f"paths.output_dir={tmp_path / 'run'}",
-    ])
+    cfg = compose(tiny_run_overrides(tiny_imagefolder, tmp_path / "run", "trainer.max_epochs=1", "transfer=fine_tune",
+                                     "augmentation=light", backbone="test_resnet"))
     (tmp_path / "run").mkdir()
     run = build_run(cfg, tmp_path / "run")
     run.images.decode_on(torch.device("cpu"))  # what data.decode=gpu sets up on a CUDA machine

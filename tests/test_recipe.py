@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import write_class_images
+from conftest import tiny_run_overrides, write_class_images
 from PIL import Image
 
 from transfer_cli.cli import main as cli_main
@@ -28,12 +28,8 @@ HEAD_ONLY = ["transfer=feature_extract", "augmentation=none"]  # cached features
 
 
 def tiny_cfg(tmp_path, root, *overrides):
-    return compose([
-        "~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={BACKBONE}",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=1", "data.batch_size=4",
-        "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
-        "trainer.enable_progress_bar=false", "logger=none", f"paths.output_dir={tmp_path / 'run'}", *overrides,
-    ])
+    return compose(tiny_run_overrides(root, tmp_path / "run", "trainer.max_epochs=1", "logger=none", *overrides,
+                                      backbone=BACKBONE))
 
 
 class LRRecorder(pl.Callback):
@@ -321,9 +317,8 @@ def test_lr_find_writes_the_plot_and_a_finite_suggestion(tmp_path, tiny_imagefol
 
 def test_lr_find_command(tmp_path, tiny_imagefolder, capsys):
     out = tmp_path / "finder"
-    cli_main(["lr-find", "~experiment", "data=imagefolder", f"data.root={tiny_imagefolder}",
-              f"model.backbone={BACKBONE}", "model.pretrained=false", "trainer=cpu", "data.image_size=32",
-              "data.num_workers=0", "data.batch_size=4", *HEAD_ONLY, "num_training=20", f"output={out}"])
+    cli_main(["lr-find", *tiny_run_overrides(tiny_imagefolder, None, *HEAD_ONLY, "num_training=20", f"output={out}",
+                                             backbone=BACKBONE)])
     printed = capsys.readouterr().out
     assert (out / "lr_find.png").is_file() and (out / "lr_find.json").is_file()
     assert "optimizer.lr=" in printed and "transfer train" in printed

@@ -22,6 +22,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from conftest import tiny_run_overrides
 from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
 from transfer_cli.lifecycle.atomic_io import atomic_torch_save, leftover_temp_files
@@ -36,10 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(root, out, *extra):
-    return ["~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={BACKBONE}",
-            "model.pretrained=false", "trainer=cpu", "data.batch_size=4", "data.num_workers=0",
-            "data.image_size=32", "callbacks.rich_progress=false", "trainer.enable_progress_bar=false",
-            "trainer.deterministic=true", "trainer.max_epochs=4", f"paths.output_dir={out}", *extra]
+    return tiny_run_overrides(root, out, "trainer.deterministic=true", "trainer.max_epochs=4", *extra,
+                              backbone=BACKBONE)
 
 
 class SignalAt(pl.Callback):

@@ -9,16 +9,14 @@ import sys
 import time
 
 import pytest
+from conftest import tiny_run_overrides
 
 from transfer_cli.cli import main
 from transfer_cli.sweeps.summary import build_summary
 
 
 def tiny_args(root):
-    return ["~experiment", "data=imagefolder", f"data.root={root}", "model.backbone=test_efficientnet",
-            "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=1", "data.batch_size=4",
-            "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
-            "trainer.enable_progress_bar=false"]
+    return tiny_run_overrides(root, None, "trainer.max_epochs=1")
 
 
 def transfer(*args, cwd, timeout=600):

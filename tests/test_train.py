@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import write_class_images
+from conftest import tiny_run_overrides, write_class_images
 
 from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
@@ -18,12 +18,7 @@ BACKBONE = "test_efficientnet"  # timm's tiny test model: BatchNorm everywhere, 
 
 
 def tiny_cfg(tmp_path, root, *overrides):
-    return compose([
-        "~experiment", "data=imagefolder", f"data.root={root}", f"model.backbone={BACKBONE}",
-        "model.pretrained=false", "trainer=cpu", "trainer.max_epochs=2", "data.batch_size=4",
-        "data.num_workers=0", "data.image_size=32", "callbacks.rich_progress=false",
-        "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'run'}", *overrides,
-    ])
+    return compose(tiny_run_overrides(root, tmp_path / "run", "trainer.max_epochs=2", *overrides, backbone=BACKBONE))
 
 
 @pytest.fixture
