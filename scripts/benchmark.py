@@ -38,7 +38,9 @@ from PIL import Image
 from pytorch_lightning.callbacks import Callback
 
 from transfer_cli.config.compose import compose
-from transfer_cli.train import build_run, train
+from transfer_cli.assembly.run import build_run
+from transfer_cli.data.gpu_decode import DeviceDecoder
+from transfer_cli.train import train
 
 TARGETS = {"a_eager": 0.98, "b_compile": 1.35, "c_feature_cache": 6.0, "d_data": 0.9}
 CUDA_DEFAULTS = dict(model="resnet50", image_size=224, batch_size=256, precision="bf16-mixed", warmup=10, steps=50,
@@ -259,8 +261,8 @@ def section_c(args, root: Path, work: Path) -> Dict[str, Any]:
 
 def loader_img_s(run, device, decode_device) -> float:
     images = run.images
-    if decode_device is not None:
-        images.decode_on(decode_device)
+    if decode_device is not None:  # the device decoder as data.decode=gpu builds it, on any device
+        images.decoder = DeviceDecoder.for_transforms(images.transforms, decode_device)
     loader = images.loader("train", augment=True, shuffle=True)
     count, start = 0, None
     for i, batch in enumerate(loader):
@@ -279,7 +281,7 @@ def section_d(args, root: Path, work: Path, device, ceiling: Optional[float]) ->
     cfg = run_cfg(args, root, work / "d_loader", "augmentation=light", "transfer=fine_tune")
     (work / "d_loader").mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, work / "d_loader")
-    workers = run.images.num_workers
+    workers = run.images.loading.num_workers
     cpu_decode = loader_img_s(run, device, None)
     run = build_run(cfg, work / "d_loader")
     device_decode = loader_img_s(run, device, device)  # on a CPU machine: the same code with device='cpu'

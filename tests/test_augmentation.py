@@ -13,15 +13,16 @@ from conftest import tiny_run_overrides
 from PIL import Image
 from timm.data.mixup import mixup_target
 
-from transfer_cli.config.compose import compose
+from transfer_cli.assembly.module import criterion_for
+from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.data.augment import PRESETS
 from transfer_cli.data.images import load_rgb
 from transfer_cli.data.transforms import build_transform
 from transfer_cli.errors import TransferError
 from transfer_cli.models.backbone import create_backbone, resolve_data_config
 from transfer_cli.preview import augment_preview, parse_args
-from transfer_cli.train import build_run, train
-from transfer_cli.training.losses import build_criterion
+from transfer_cli.assembly.run import build_run
+from transfer_cli.train import train
 from transfer_cli.training.mixing import build_mixup, mix_batch
 
 BACKBONE = "test_efficientnet"
@@ -39,7 +40,7 @@ def run_overrides(tmp_path, root, *overrides):
 
 @pytest.fixture(scope="module")
 def data_config():
-    cfg = compose(model_overrides())
+    cfg = as_schema(compose(model_overrides()))
     return resolve_data_config(create_backbone(cfg.model), cfg.data)
 
 
@@ -56,8 +57,8 @@ def test_images(tmp_path):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_gives_normalized_tensor_at_input_size(preset, data_config, test_images):
-    cfg = compose([*model_overrides(), f"augmentation={preset}", "augmentation.rot90=0.75",
-                   "augmentation.vflip=0.5", "augmentation.random_erasing=0.5"])
+    cfg = as_schema(compose([*model_overrides(), f"augmentation={preset}", "augmentation.rot90=0.75",
+                             "augmentation.vflip=0.5", "augmentation.random_erasing=0.5"]))
     assert cfg.augmentation.name == preset
     train_tf = build_transform(data_config, cfg.augmentation, train=True)
     eval_tf = build_transform(data_config, cfg.augmentation, train=False)
@@ -77,9 +78,9 @@ def test_every_preset_gives_normalized_tensor_at_input_size(preset, data_config,
 
 
 def test_medium_preset_adds_photometric_and_geometric_changes():
-    aug = compose([*model_overrides(), "augmentation=medium"]).augmentation
+    aug = as_schema(compose([*model_overrides(), "augmentation=medium"])).augmentation
     assert aug.color_jitter > 0 and aug.rotation > 0 and aug.perspective > 0 and aug.noise_std > 0
-    light = compose([*model_overrides(), "augmentation=light"]).augmentation
+    light = as_schema(compose([*model_overrides(), "augmentation=light"])).augmentation
     assert light.color_jitter == light.rotation == light.perspective == light.noise_std == 0
 
 
@@ -91,8 +92,8 @@ def test_unknown_preset_names_the_presets():
 
 @pytest.mark.parametrize("rot90,expected_corners", [(0.75, 4), (0.0, 1)])
 def test_rot90_turns_by_multiples_of_90_degrees(rot90, expected_corners, data_config):
-    aug = compose([*model_overrides(), "augmentation=light", f"augmentation.rot90={rot90}", "augmentation.hflip=0",
-                   "augmentation.scale=[1,1]", "augmentation.ratio=[1,1]"]).augmentation
+    aug = as_schema(compose([*model_overrides(), "augmentation=light", f"augmentation.rot90={rot90}",
+                             "augmentation.hflip=0", "augmentation.scale=[1,1]", "augmentation.ratio=[1,1]"])).augmentation
     tf = build_transform(data_config, aug, train=True)
     marked = np.zeros((16, 16, 3), dtype=np.uint8)
     marked[:4, :4] = 255  # a bright top-left corner: its position after the transform gives the rotation
@@ -110,7 +111,7 @@ def test_rot90_turns_by_multiples_of_90_degrees(rot90, expected_corners, data_co
 
 
 def aug_cfg(*overrides):
-    return compose(["~experiment", *overrides]).augmentation
+    return as_schema(compose(["~experiment", *overrides])).augmentation
 
 
 def test_mixup_is_off_unless_an_alpha_is_set():
@@ -151,8 +152,8 @@ def test_mixed_targets_are_soft_and_sum_to_one(batch_size, alphas):
 def test_label_smoothing_matches_torch_and_is_not_applied_twice():
     torch.manual_seed(0)
     logits, target = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
-    smoothed = build_criterion(compose(["~experiment", "augmentation.label_smoothing=0.1"]), 4)
-    plain = build_criterion(compose(["~experiment"]), 4)
+    smoothed = criterion_for(as_schema(compose(["~experiment", "augmentation.label_smoothing=0.1"])), 4)
+    plain = criterion_for(as_schema(compose(["~experiment"])), 4)
     assert torch.allclose(smoothed(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1))
     assert torch.allclose(plain(logits, target), F.cross_entropy(logits, target))
     assert not torch.allclose(smoothed(logits, target), plain(logits, target))
@@ -165,8 +166,8 @@ def test_class_weights_auto_weighs_classes_by_inverse_frequency():
     counts = [6, 2, 4]
     torch.manual_seed(0)
     logits, target = torch.randn(9, 3), torch.tensor([0, 0, 0, 1, 2, 2, 1, 0, 2])
-    weighted = build_criterion(compose(["~experiment", "data.class_weights=auto"]), 3, class_counts=counts)
-    unweighted = build_criterion(compose(["~experiment"]), 3, class_counts=counts)
+    weighted = criterion_for(as_schema(compose(["~experiment", "data.class_weights=auto"])), 3, class_counts=counts)
+    unweighted = criterion_for(as_schema(compose(["~experiment"])), 3, class_counts=counts)
     per_sample = F.cross_entropy(logits, target, reduction="none")
     total = sum(counts)
     w = torch.tensor([total / (3 * c) for c in counts])
@@ -177,7 +178,7 @@ def test_class_weights_auto_weighs_classes_by_inverse_frequency():
     # ... and with soft targets too (mixup), where the loss is the plain batch mean of the weighted terms.
     one_hot = F.one_hot(target, 3).float()
     assert torch.allclose(weighted(logits, one_hot), (w[target] * per_sample).mean())
-    with_no_counts = build_criterion(compose(["~experiment", "data.class_weights=auto"]), 3)
+    with_no_counts = criterion_for(as_schema(compose(["~experiment", "data.class_weights=auto"])), 3)
     assert torch.allclose(with_no_counts(logits, target), per_sample.mean())
 
 

@@ -71,7 +71,7 @@ def test_tiny_model_builds_pooled_features():
 
 
 def test_tagged_name_and_timm_kwargs():
-    backbone = create_backbone(_cfg("test_vit.r160_in1k", timm_kwargs=OmegaConf.create({"drop_path_rate": 0.1})))
+    backbone = create_backbone(_cfg("test_vit.r160_in1k", timm_kwargs={"drop_path_rate": 0.1}))
     assert backbone.num_features > 0
 
 
@@ -195,9 +195,7 @@ def test_resolve_data_config_precedence():
     assert named["input_size"] == (3, 224, 224) and named["interpolation"] == "bicubic"
     assert named["crop_pct"] == 0.875
     assert resolve_data_config(backbone, None, "/some/file.pth") == timm_default  # a path is not a named source
-    data = OmegaConf.structured(
-        DataConfig(image_size=96, crop_pct=1.0, interpolation="bilinear", mean=[0.1, 0.2, 0.3], std=[1, 1, 1])
-    )
+    data = DataConfig(image_size=96, crop_pct=1.0, interpolation="bilinear", mean=[0.1, 0.2, 0.3], std=[1, 1, 1])
     cfg = resolve_data_config(backbone, data, "efficientnet_lite0_pypi")
     assert cfg == {
         "input_size": (3, 96, 96), "interpolation": "bilinear", "crop_pct": 1.0,

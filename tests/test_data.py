@@ -8,18 +8,18 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from transfer_cli.config.schema import DataConfig
 from transfer_cli.data.images import load_rgb
-from transfer_cli.data.sources import discover, stratified_split
+from transfer_cli.assembly.data import discover
+from transfer_cli.data.splits import stratified_split
 from transfer_cli.errors import TransferError
 
 
 def cfg(**kw) -> DataConfig:
     kw.setdefault("num_workers", 0)
-    return OmegaConf.structured(DataConfig(**kw))
+    return DataConfig(**kw)
 
 
 def per_class(samples, n_classes=2):
@@ -41,7 +41,7 @@ def test_imagefolder_presplit(tiny_imagefolder):
 def test_imagefolder_flat_split_is_stratified_and_seeded(make_image_folder, tmp_path):
     root = make_image_folder(tmp_path / "flat", classes=("a", "b", "c"), per_class=10, layout="flat", size=8)
     data = DataConfig(source="imagefolder", root=str(root), val_fraction=0.2, test_fraction=0.1, split_seed=3)
-    s = discover(data)  # a plain dataclass works as well as an OmegaConf node
+    s = discover(data)
     assert s.class_names == ["a", "b", "c"]
     assert per_class(s.train, 3) == [7, 7, 7] and per_class(s.val, 3) == [2, 2, 2] and per_class(s.test, 3) == [1] * 3
     assert len({p for p, _ in s.train + s.val + s.test}) == 30

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from transfer_cli.config.schema import AugmentationConfig, DataConfig
-from transfer_cli.data.datamodule import Batch, EpochShuffleSampler, ImageDataModule
+from transfer_cli.assembly.data import discover, image_data
+from transfer_cli.config.schema import AugmentationConfig, DataConfig, TrainConfig
+from transfer_cli.data.datamodule import Batch
 from transfer_cli.data.images import ImageDataset, load_rgb, scan_images
-from transfer_cli.data.sources import discover
+from transfer_cli.data.samplers import EpochShuffleSampler
 from transfer_cli.data.transforms import build_transform
 from transfer_cli.errors import TransferError
 
@@ -23,11 +23,11 @@ DATA_CONFIG = {"input_size": (3, 24, 24), "interpolation": "bilinear", "crop_pct
 
 def cfg(**kw) -> DataConfig:
     kw.setdefault("num_workers", 0)
-    return OmegaConf.structured(DataConfig(**kw))
+    return DataConfig(**kw)
 
 
 def aug(**kw) -> AugmentationConfig:
-    return OmegaConf.structured(AugmentationConfig(**kw))
+    return AugmentationConfig(**kw)
 
 
 def truncate_png(path: Path, keep: int = 300) -> None:
@@ -37,7 +37,8 @@ def truncate_png(path: Path, keep: int = 300) -> None:
 
 
 def make_dm(splits, tmp_path, **data_kw):
-    return ImageDataModule(splits, DATA_CONFIG, cfg(**data_kw), aug(), seed=7, bad_image_log=tmp_path / "bad.tsv")
+    return image_data(TrainConfig(seed=7, data=cfg(**data_kw), augmentation=aug()), splits, DATA_CONFIG,
+                      bad_log=tmp_path / "bad.tsv")
 
 
 # ---------------------------------------------------------------- bad images

@@ -15,7 +15,7 @@ from PIL import Image
 
 from transfer_cli.commands.evaluate import evaluate
 from transfer_cli.commands.export import export
-from transfer_cli.commands.options import Option, parse_command_args
+from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.commands.predict import predict
 from transfer_cli.commands.restore import restore
 from transfer_cli.config.compose import compose

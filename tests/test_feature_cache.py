@@ -10,13 +10,17 @@ import timm
 import torch
 from conftest import class_image, tiny_run_overrides
 
-from transfer_cli.config.compose import compose
+from transfer_cli import seeding
+from transfer_cli.assembly.data import cache_plan
+from transfer_cli.assembly.run import build_run
+from transfer_cli.atomic import leftover_temp_files
+from transfer_cli.config.compose import as_schema, compose
+from transfer_cli.data.feature_store import FeatureStore, files_digest, weights_digest
 from transfer_cli.data.images import ImageDataset
-from transfer_cli.data.samplers import train_sampler
+from transfer_cli.data.samplers import EpochViewSampler, train_sampler
+from transfer_cli.data.seeded import SeededItems
 from transfer_cli.data.transforms import build_transform
-from transfer_cli.train import build_run, train
-from transfer_cli.training.feature_cache import FeatureStore, files_digest, weights_digest
-from transfer_cli.training.features import EpochViewSampler, SeededView, use_feature_cache
+from transfer_cli.train import train
 
 BACKBONE = "test_efficientnet"
 
@@ -37,13 +41,14 @@ def cache_files(tmp_path):
 
 
 def fit_counting_backbone_calls(cfg, run_dir):
-    """fit() through build_run, with a hook on the backbone: (datamodule, how many batches went through it)."""
+    """fit() through build_run, with a hook on the backbone: (the pre-pass's features, how many batches went
+    through the backbone)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, run_dir)
     calls = []
     run.model.backbone.register_forward_hook(lambda *_: calls.append(1))
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    return run.datamodule, len(calls)
+    return run.features, len(calls)
 
 
 def test_head_matches_with_and_without_cache(tmp_path, tiny_imagefolder):
@@ -73,7 +78,7 @@ def test_second_run_reads_the_cache_without_a_backbone_pass(tmp_path, tiny_image
     assert "feature cache hit: train (16 images)" in caplog.text
     assert cache_files(tmp_path) == written  # nothing rewritten
     for split in ("train", "val"):
-        assert torch.equal(first.splits[split].tensors[0], second.splits[split].tensors[0])
+        assert torch.equal(first.tensors[split].tensors[0], second.tensors[split].tensors[0])
 
 
 def test_touched_image_recomputes_only_its_split(tmp_path, tiny_imagefolder):
@@ -153,12 +158,12 @@ def test_fingerprint_inputs_react_to_what_changes_features(tmp_path):
 
 
 def test_store_round_trip_and_key_check(tmp_path):
-    from transfer_cli.training.feature_cache import CachedSplit
+    from transfer_cli.data.feature_store import CachedSplit
 
     store = FeatureStore(tmp_path / "store")
     entry = CachedSplit(torch.randn(3, 5), torch.tensor([0, 1, 0]), [("/x/bad.png", "OSError: truncated")])
     path = store.save("train-abc", entry)
-    assert path is not None and not list(path.parent.glob("*.tmp"))  # the temp file was renamed away
+    assert path is not None and not leftover_temp_files(path.parent)  # the temp file was renamed away
     loaded = store.load("train-abc", num_samples=4, width=5)
     assert torch.equal(loaded.features, entry.features) and loaded.bad == entry.bad
     assert store.load("train-abc", num_samples=5, width=5) is None  # a count that does not add up
@@ -169,18 +174,20 @@ def test_store_round_trip_and_key_check(tmp_path):
 def test_cached_views_train_on_view_e_mod_k(tmp_path, tiny_imagefolder):
     cfg = tiny_cfg(tmp_path, tiny_imagefolder, "run", "augmentation=light", "transfer.cache_views=2",
                    "trainer.max_epochs=3")
-    assert use_feature_cache(cfg)[0]
-    assert not use_feature_cache(tiny_cfg(tmp_path, tiny_imagefolder, "run", "augmentation=light"))[0]
+    assert cache_plan(as_schema(cfg))[0]
+    assert not cache_plan(as_schema(tiny_cfg(tmp_path, tiny_imagefolder, "run", "augmentation=light")))[0]
     dm, calls = fit_counting_backbone_calls(cfg, tmp_path / "run1")
     assert (dm.misses, dm.hits) == (3, 0) and calls > 0
     names = sorted(cache_files(tmp_path))
     assert [n.split("-")[0] + "-" + n.split("-")[1] for n in names if n.startswith("train")] == [
         "train-view0", "train-view1"]
-    x = dm.splits["train"].tensors[0]
+    x = dm.tensors["train"].tensors[0]
     n = dm.train_rows
     assert x.shape[0] == 2 * n and not torch.allclose(x[:n], x[n:]), "the two views should differ"
 
-    loader = dm.train_dataloader()
+    run = build_run(cfg, tmp_path / "run1")
+    run.datamodule.features = dm
+    loader = run.datamodule.train_dataloader()
     sampler = loader.sampler
     for epoch, view in [(0, 0), (1, 1), (2, 0)]:
         sampler.set_epoch(epoch)
@@ -189,7 +196,7 @@ def test_cached_views_train_on_view_e_mod_k(tmp_path, tiny_imagefolder):
 
     again, calls = fit_counting_backbone_calls(cfg, tmp_path / "run2")
     assert (again.misses, again.hits) == (0, 3) and calls == 0
-    assert torch.equal(again.splits["train"].tensors[0], x)
+    assert torch.equal(again.tensors["train"].tensors[0], x)
 
 
 def test_seeded_view_is_reproducible_and_leaves_global_rng_alone(tmp_path):
@@ -199,16 +206,19 @@ def test_seeded_view_is_reproducible_and_leaves_global_rng_alone(tmp_path):
         p = tmp_path / f"{i}.png"
         class_image(i, 48, rng).save(p)
         paths.append((str(p), i))
-    aug = compose(["augmentation=light"]).augmentation
+    aug = as_schema(compose(["augmentation=light"])).augmentation
     data_config = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
                    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     dataset = ImageDataset(paths, build_transform(data_config, aug, train=True))
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = [SeededView(dataset, 7, 0)[i][0] for i in range(3)]
+    def view(k):
+        return SeededItems(dataset, 7, seeding.VIEW, prefix=(k,))
+
+    a = [view(0)[i][0] for i in range(3)]
     assert torch.equal(torch.get_rng_state(), state)
-    b = [SeededView(dataset, 7, 0)[i][0] for i in reversed(range(3))][::-1]  # order does not matter
-    c = [SeededView(dataset, 7, 1)[i][0] for i in range(3)]
+    b = [view(0)[i][0] for i in reversed(range(3))][::-1]  # order does not matter
+    c = [view(1)[i][0] for i in range(3)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert any(not torch.equal(x, y) for x, y in zip(a, c))
 

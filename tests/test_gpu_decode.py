@@ -11,13 +11,16 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from conftest import tiny_run_overrides
-from transfer_cli.config.compose import compose
-from transfer_cli.data.datamodule import ImageDataModule
-from transfer_cli.data.gpu_decode import EncodedBatch, apply_orientation, read_encoded, resolve_decode, split_pipeline
+from transfer_cli.assembly.data import image_data
+from transfer_cli.config.compose import as_schema, compose
+from transfer_cli.data.gpu_decode import (
+    DeviceDecoder, EncodedBatch, apply_orientation, read_encoded, resolve_decode, split_pipeline,
+)
 from transfer_cli.data.images import load_rgb
-from transfer_cli.data.sources import DataSplits
+from transfer_cli.data.splits import DataSplits
 from transfer_cli.data.transforms import build_transform
-from transfer_cli.train import build_run, train
+from transfer_cli.assembly.run import build_run
+from transfer_cli.train import train
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 0.875,
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -68,7 +71,7 @@ def test_non_jpeg_and_cut_short_files_are_decoded_by_the_worker(tmp_path):
 
 
 def test_split_pipeline_batches_only_the_per_pixel_tail():
-    aug = compose(["augmentation=light"]).augmentation
+    aug = as_schema(compose(["augmentation=light"])).augmentation
     per_image, per_batch = split_pipeline(build_transform(DATA_CONFIG, aug, train=True))
     assert [type(t) for t in per_batch.transforms] == [v2.ToImage, v2.ToDtype, v2.Normalize]
     assert v2.RandomHorizontalFlip in [type(t) for t in per_image.transforms]  # per-sample randomness kept
@@ -77,9 +80,14 @@ def test_split_pipeline_batches_only_the_per_pixel_tail():
 def image_module(tmp_path, files, augmentation="none"):
     samples = [(str(p), i % 2) for i, p in enumerate(files)]
     splits = DataSplits(class_names=["a", "b"], train=samples, val=samples[:2])
-    cfg = compose(["data=imagefolder", "data.num_workers=0", "data.batch_size=8", f"augmentation={augmentation}"])
-    return ImageDataModule(splits, DATA_CONFIG, cfg.data, cfg.augmentation, seed=0,
-                           bad_image_log=tmp_path / "bad_images.txt")
+    cfg = as_schema(compose(["data=imagefolder", "data.num_workers=0", "data.batch_size=8",
+                             f"augmentation={augmentation}", "seed=0"]))
+    return image_data(cfg, splits, DATA_CONFIG, bad_log=tmp_path / "bad_images.txt")
+
+
+def decode_on(dm, device):
+    """What data.decode=gpu sets up on a CUDA machine, on any device."""
+    dm.decoder = DeviceDecoder.for_transforms(dm.transforms, device)
 
 
 def test_device_decoder_matches_cpu_pipeline_and_drops_bad_files(tmp_path):
@@ -95,7 +103,7 @@ def test_device_decoder_matches_cpu_pipeline_and_drops_bad_files(tmp_path):
     cpu = image_module(tmp_path, files)
     ref_images, ref_labels = cpu.strip_bad(next(iter(cpu.loader("train", augment=False))))
     dev = image_module(tmp_path, files)
-    dev.decode_on("cpu")
+    decode_on(dev, "cpu")
     batch = next(iter(dev.loader("train", augment=False)))
     assert isinstance(batch, EncodedBatch)
     images, labels = dev.strip_bad(batch)
@@ -110,7 +118,7 @@ def test_device_decoder_matches_cpu_pipeline_and_drops_bad_files(tmp_path):
 def test_device_decoder_augments_each_image_on_its_own(tmp_path):
     files = [save_jpeg(tmp_path / f"{i}.jpg", asymmetric_image()) for i in range(8)]  # eight equal images
     dm = image_module(tmp_path, files, augmentation="light")
-    dm.decode_on("cpu")
+    decode_on(dm, "cpu")
     torch.manual_seed(0)
     images, _ = dm.strip_bad(next(iter(dm.loader("train", augment=True))))
     assert tuple(images.shape) == (8, 3, 32, 32)
@@ -136,7 +144,7 @@ def test_lightning_fit_with_device_decoding(tmp_path, tiny_imagefolder):
                                      "augmentation=light", backbone="test_resnet"))
     (tmp_path / "run").mkdir()
     run = build_run(cfg, tmp_path / "run")
-    run.images.decode_on(torch.device("cpu"))  # what data.decode=gpu sets up on a CUDA machine
+    decode_on(run.images, torch.device("cpu"))
     seen = []
     run.model.register_forward_pre_hook(lambda _, args: seen.append((args[0].dtype, tuple(args[0].shape[1:]))))
     run.trainer.fit(run.module, datamodule=run.datamodule)

@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
-from transfer_cli.config.compose import compose
-from transfer_cli.config.schema import AugmentationConfig, DataConfig
-from transfer_cli.data.datamodule import ImageDataModule, collate_drop_bad
+from transfer_cli.assembly.data import discover, image_data
+from transfer_cli.assembly.module import criterion_for
+from transfer_cli.config.compose import as_schema, compose
+from transfer_cli.config.schema import DataConfig, TrainConfig
+from transfer_cli.data.datamodule import collate_drop_bad
 from transfer_cli.data.images import BadImage
-from transfer_cli.data.sources import discover, multilabel_split
+from transfer_cli.data.splits import multilabel_split
 from transfer_cli.errors import TransferError
 from transfer_cli.train import train
-from transfer_cli.training.losses import build_criterion
 from transfer_cli.training.metrics import build_metrics
 from transfer_cli.training.predictions import decode_predictions
 
@@ -57,7 +57,7 @@ def every_label_set(copies: int):
 
 def data_cfg(**kw) -> DataConfig:
     kw.setdefault("num_workers", 0)
-    return OmegaConf.structured(DataConfig(source="csv", **kw))
+    return DataConfig(source="csv", **kw)
 
 
 # ---------------------------------------------------------------- data
@@ -78,9 +78,9 @@ def test_csv_label_sets_become_multi_hot_batches(tmp_path):
     assert splits.counts("train") == [1, 1, 1] and splits.counts("val") == [1, 1, 1]
     assert "2 image(s) with an empty label" in splits.source_desc
 
-    dm = ImageDataModule(splits, {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0,
-                                  "mean": (0.5,) * 3, "std": (0.5,) * 3},
-                         data_cfg(csv=str(path), batch_size=4), OmegaConf.structured(AugmentationConfig()), seed=0)
+    dm = image_data(TrainConfig(seed=0, data=data_cfg(csv=str(path), batch_size=4)), splits,
+                    {"input_size": (3, 16, 16), "interpolation": "bilinear", "crop_pct": 1.0,
+                     "mean": (0.5,) * 3, "std": (0.5,) * 3})
     images, target = dm.strip_bad(next(iter(dm.loader("val", augment=False))))
     assert images.shape == (3, 3, 16, 16)
     assert target.dtype == torch.float32
@@ -132,25 +132,24 @@ def test_task_and_threshold_are_checked_when_composing():
         compose(["~experiment", "task=multilable"])
     cfg = compose(["~experiment", "task=multilabel", "multilabel_threshold=1.5"])
     with pytest.raises(TransferError, match="multilabel_threshold=1.5"):
-        build_metrics(cfg, 3)
+        build_metrics(cfg.task, 3, cfg.multilabel_threshold)
 
 
 def test_multilabel_loss_is_bce_and_refuses_single_class_recipes():
-    cfg = compose(["~experiment", "task=multilabel"])
+    cfg = as_schema(compose(["~experiment", "task=multilabel"]))
     logits, target = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.0]])
     expected = -(torch.log(torch.sigmoid(logits[0, 0])) + torch.log(1 - torch.sigmoid(logits[0, 1]))) / 2
-    assert float(build_criterion(cfg, 2)(logits, target)) == pytest.approx(float(expected))
+    assert float(criterion_for(cfg, 2)(logits, target)) == pytest.approx(float(expected))
     for override in ("augmentation.label_smoothing=0.1", "data.class_weights=auto", "augmentation.mixup_alpha=0.2"):
         with pytest.raises(TransferError, match="task=multilabel does not support"):
-            build_criterion(compose(["~experiment", "task=multilabel", override]), 2, [3, 4])
+            criterion_for(as_schema(compose(["~experiment", "task=multilabel", override])), 2, [3, 4])
 
 
 # ---------------------------------------------------------------- metrics and predictions
 
 
 def test_label_set_metrics_score_logits_against_hard_labels():
-    cfg = OmegaConf.create({"task": "multilabel", "multilabel_threshold": 0.5})
-    metrics = build_metrics(cfg, 3)["val_metrics"]
+    metrics = build_metrics("multilabel", 3, 0.5)["val_metrics"]
     target = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])  # label 2 never occurs
     # Logits all inside [0, 1]: only an explicit sigmoid makes 0.2 mean "no" (sigmoid 0.55 >= 0.5 is "yes").
     logits = torch.tensor([[0.9, -2, -2], [-2, 0.9, -2], [0.9, 0.9, -2], [-2, -2, -2]])
@@ -164,7 +163,7 @@ def test_label_set_metrics_score_logits_against_hard_labels():
     scores = {k: float(v) for k, v in metrics(wrong, soft).items()}
     assert scores["val/acc"] == 0.75 and scores["val/mAP"] == 1.0  # mAP over the labels that occur
     assert scores["val/f1"] == pytest.approx(2 / 3) and scores["val/f1_micro"] == pytest.approx(8 / 9)
-    assert "train/mAP" not in build_metrics(cfg, 3)["train_metrics"].keys()
+    assert "train/mAP" not in build_metrics("multilabel", 3, 0.5)["train_metrics"].keys()
 
 
 def test_decode_predictions_gives_label_sets():

@@ -5,17 +5,17 @@ import math
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
 
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig, TransferConfig
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.training.optim import build_optimizer
+from transfer_cli.training.freezing import FreezePlan
 from transfer_cli.training.param_groups import param_groups
 from transfer_cli.training.schedules import build_scheduler, lr_factor
 
 
 def sched(**kw):
-    return OmegaConf.structured(SchedulerConfig(**kw))
+    return SchedulerConfig(**kw)
 
 
 def test_cosine_with_linear_warmup_matches_closed_form():
@@ -38,9 +38,10 @@ def test_step_exponential_and_constant():
 
 def test_scheduler_drives_every_group_from_the_step():
     model = Classifier(timm.create_model("test_efficientnet", num_classes=0), num_classes=3)
-    transfer = OmegaConf.structured(TransferConfig(mode="fine_tune", backbone_lr_scale=0.25))
-    opt_cfg = OmegaConf.structured(OptimizerConfig(name="sgd", lr=0.1, weight_decay=1e-4))
-    optimizer = build_optimizer(param_groups(model, transfer, opt_cfg), opt_cfg)
+    transfer = TransferConfig(mode="fine_tune", backbone_lr_scale=0.25)
+    opt_cfg = OptimizerConfig(name="sgd", lr=0.1, weight_decay=1e-4)
+    groups = param_groups(model, FreezePlan(transfer, model.stages), opt_cfg.lr, opt_cfg.weight_decay)
+    optimizer = build_optimizer(groups, opt_cfg)
     cfg = sched(name="cosine", warmup_epochs=1)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=4, total_steps=12)
     for step in range(1, 12):
@@ -56,8 +57,8 @@ def test_scheduler_drives_every_group_from_the_step():
 
 def test_no_weight_decay_on_biases_and_norms():
     model = Classifier(timm.create_model("test_efficientnet", num_classes=0), num_classes=3)
-    transfer = OmegaConf.structured(TransferConfig(mode="fine_tune"))
-    groups = param_groups(model, transfer, OmegaConf.structured(OptimizerConfig(weight_decay=0.05)))
+    transfer = TransferConfig(mode="fine_tune")
+    groups = param_groups(model, FreezePlan(transfer, model.stages), 1e-3, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     for group in groups:
         for p in group["params"]:
@@ -68,8 +69,8 @@ def test_no_weight_decay_on_biases_and_norms():
 
 def test_feature_extract_optimizes_only_the_head():
     model = Classifier(timm.create_model("test_efficientnet", num_classes=0), num_classes=3)
-    transfer = OmegaConf.structured(TransferConfig(mode="feature_extract"))
-    groups = param_groups(model, transfer, OmegaConf.structured(OptimizerConfig()))
+    transfer = TransferConfig(mode="feature_extract")
+    groups = param_groups(model, FreezePlan(transfer, model.stages), 1e-3, 0.05)
     in_groups = {id(p) for g in groups for p in g["params"]}
     assert in_groups == {id(p) for p in model.head.parameters()}
     assert torch.is_tensor(groups[0]["params"][0])

@@ -17,9 +17,10 @@ from PIL import Image
 from transfer_cli.cli import main as cli_main
 from transfer_cli.config.compose import compose
 from transfer_cli.data.samplers import BalancedEpochSampler
-from transfer_cli.finders import FinderOptions, find_lr
+from transfer_cli.tuner import FinderOptions, find_lr
 from transfer_cli.models.backbone import create_backbone
-from transfer_cli.train import build_run, train
+from transfer_cli.assembly.run import build_run
+from transfer_cli.train import train
 from transfer_cli.training.ema import RAW_WEIGHTS_KEY
 from transfer_cli.training.tta import tta_views
 
@@ -215,13 +216,13 @@ def test_ema_weights_are_validated_tested_and_saved_beside_the_raw_ones(tmp_path
     ema, raw = last["state_dict"], last[RAW_WEIGHTS_KEY]
     assert set(ema) == set(raw)
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("model.head."))
-    val_x, val_y = run.datamodule.splits["val"].tensors
+    val_x, val_y = run.features.tensors["val"].tensors
     assert head_loss(run, ema, val_x, val_y) == pytest.approx(val_loss, rel=1e-5)
     assert head_loss(run, raw, val_x, val_y) != pytest.approx(val_loss, rel=1e-5)
 
     best = run.trainer.checkpoint_callback.best_model_path
     run.trainer.test(run.module, datamodule=run.datamodule, ckpt_path=best, verbose=False)
-    test_x, test_y = run.datamodule.splits["test"].tensors
+    test_x, test_y = run.features.tensors["test"].tensors
     best_ema = load_ckpt(best)["state_dict"]
     assert head_loss(run, best_ema, test_x, test_y) == pytest.approx(float(run.trainer.callback_metrics["test/loss"]),
                                                                 rel=1e-5)

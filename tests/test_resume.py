@@ -25,11 +25,12 @@ import torch
 from conftest import tiny_run_overrides
 from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
-from transfer_cli.lifecycle.atomic_io import atomic_torch_save, leftover_temp_files
-from transfer_cli.lifecycle.checkpoint_files import checkpoint_config, read_checkpoint, resolve_checkpoint
-from transfer_cli.lifecycle.fit import fit
-from transfer_cli.lifecycle.resume_config import load_resumable, plan_resume
-from transfer_cli.train import build_run, train
+from transfer_cli.atomic import atomic_torch_save, leftover_temp_files
+from transfer_cli.resume.checkpoints import checkpoint_config, read_checkpoint, resolve_checkpoint
+from transfer_cli.resume.fit import fit
+from transfer_cli.resume.plan import load_resumable, plan_resume
+from transfer_cli.assembly.run import build_run
+from transfer_cli.train import train
 from transfer_cli.training.schedules import lr_factor
 
 BACKBONE = "test_efficientnet"
@@ -63,7 +64,7 @@ def interrupted_run(cfg, **at) -> int:
     run = build_run(cfg, run_dir)
     run.trainer.callbacks.append(SignalAt(**at))
     with pytest.raises(SystemExit) as stopped:
-        fit(run.trainer, run.module, run.datamodule, cfg, run_dir)
+        fit(run.trainer, run.module, run.datamodule, cfg.resume, run_dir)
     return stopped.value.code
 
 

@@ -7,12 +7,12 @@ import math
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
 
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig, TransferConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.training.optim import build_optimizer
+from transfer_cli.training.freezing import FreezePlan
 from transfer_cli.training.param_groups import param_groups
 from transfer_cli.training.schedules import build_plateau, build_scheduler, lr_factor
 
@@ -20,7 +20,7 @@ OPTIMIZERS = ["sgd", "adamw", "adam", "rmsprop", "lamb", "lion"]
 
 
 def sched(**kw):
-    return OmegaConf.structured(SchedulerConfig(**kw))
+    return SchedulerConfig(**kw)
 
 
 def one_param_optimizer(lr=1.0, groups=1):
@@ -96,16 +96,16 @@ def test_plateau_holds_after_warmup_and_decays_on_a_flat_metric():
 def fine_tune_groups():
     def make(opt_cfg):
         model = Classifier(timm.create_model("test_efficientnet", num_classes=0), num_classes=3)
-        transfer = OmegaConf.structured(TransferConfig(mode="fine_tune", backbone_lr_scale=0.25))
-        return param_groups(model, transfer, opt_cfg)
+        transfer = TransferConfig(mode="fine_tune", backbone_lr_scale=0.25)
+        return param_groups(model, FreezePlan(transfer, model.stages), opt_cfg.lr, opt_cfg.weight_decay)
     return make
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS + ["timm:radam"])
 def test_every_optimizer_keeps_each_groups_lr_and_weight_decay(name, fine_tune_groups):
     timm_opt = name.split(":")[1] if name.startswith("timm:") else None
-    opt_cfg = OmegaConf.structured(OptimizerConfig(name="adamw" if timm_opt else name, timm_opt=timm_opt, lr=0.02,
-                                                   weight_decay=0.03))
+    opt_cfg = OptimizerConfig(name="adamw" if timm_opt else name, timm_opt=timm_opt, lr=0.02,
+                                                   weight_decay=0.03)
     groups = fine_tune_groups(opt_cfg)
     expected = [{k: g[k] for k in ("name", "lr", "lr_scale", "weight_decay")} for g in groups]
     assert len({e["lr"] for e in expected}) == 2 and len({e["weight_decay"] for e in expected}) == 2
@@ -117,7 +117,7 @@ def test_every_optimizer_keeps_each_groups_lr_and_weight_decay(name, fine_tune_g
 
 def test_optimizer_classes_and_hyperparameters(fine_tune_groups):
     def build(**kw):
-        opt_cfg = OmegaConf.structured(OptimizerConfig(**kw))
+        opt_cfg = OptimizerConfig(**kw)
         return build_optimizer(fine_tune_groups(opt_cfg), opt_cfg)
 
     assert build(name="sgd", nesterov=True, momentum=0.8).defaults["nesterov"] is True
@@ -131,7 +131,7 @@ def test_optimizer_classes_and_hyperparameters(fine_tune_groups):
 
 
 def test_unknown_timm_optimizer_suggests_close_names(fine_tune_groups):
-    opt_cfg = OmegaConf.structured(OptimizerConfig(timm_opt="adamww"))
+    opt_cfg = OptimizerConfig(timm_opt="adamww")
     with pytest.raises(TransferError) as err:
         build_optimizer(fine_tune_groups(opt_cfg), opt_cfg)
     assert "adamw" in err.value.fix

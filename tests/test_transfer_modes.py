@@ -10,21 +10,21 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
 from test_train import BACKBONE, tiny_cfg
 
-from transfer_cli.config.compose import compose
+from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.config.schema import OptimizerConfig, TransferConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.models.stages import backbone_stages
-from transfer_cli.train import build_run
+from transfer_cli.assembly.run import build_run
 from transfer_cli.training.audit import check_consistency
-from transfer_cli.training.freezing import apply_freeze, trainable_params
+from transfer_cli.training.freezing import FreezePlan, apply_freeze, trainable_params
 from transfer_cli.training.optim import build_optimizer
 from transfer_cli.training.param_groups import param_groups
 from transfer_cli.training.schedules import lr_factor
 
 
 def transfer(**kw):
-    return OmegaConf.structured(TransferConfig(**kw))
+    return TransferConfig(**kw)
 
 
 class Snapshots(Callback):
@@ -156,8 +156,8 @@ def tiny_model_and_optimizer(mode, **kw):
     model = Classifier(timm.create_model(BACKBONE, num_classes=0), num_classes=3)
     cfg = transfer(mode=mode, **kw)
     trainable = apply_freeze(model, cfg, epoch=0)
-    optimizer = build_optimizer(param_groups(model, cfg, OmegaConf.structured(OptimizerConfig())),
-                                OmegaConf.structured(OptimizerConfig()))
+    optimizer = build_optimizer(param_groups(model, FreezePlan(cfg, model.stages), 1e-3, 0.05),
+                                OptimizerConfig())
     return model, optimizer, trainable
 
 
@@ -221,7 +221,7 @@ def test_feature_combination_can_fine_tune_one_stage_of_each_backbone(tmp_path, 
 def test_default_gradual_schedule_thaws_one_stage_from_the_top_per_epoch():
     backbone = timm.create_model(BACKBONE, num_classes=0)
     stages = backbone_stages(backbone)  # stem, stage1 .. stage5
-    cfg = compose(["transfer=gradual_unfreeze", "transfer.unfreeze_every=2"]).transfer
+    cfg = as_schema(compose(["transfer=gradual_unfreeze", "transfer.unfreeze_every=2"])).transfer
     by_stage = {s.name: set(s.params) for s in stages}
     assert trainable_params(cfg, stages, 0) == set() and trainable_params(cfg, stages, 1) == set()
     assert trainable_params(cfg, stages, 2) == by_stage["stage5"]

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from transfer_cli import __version__
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, print_error
 
 EXAMPLES = """\
 examples:
@@ -36,7 +36,7 @@ def _augment_preview(args: list[str]) -> None:
 
 
 def _lr_find(args: list[str]) -> None:
-    from transfer_cli.finders import lr_find_command  # torch loads only once the command runs
+    from transfer_cli.tuner import lr_find_command  # torch loads only once the command runs
 
     lr_find_command(args)
 
@@ -105,17 +105,6 @@ def _help() -> str:
     return "\n".join(lines)
 
 
-def print_error(err: TransferError) -> None:
-    from rich.console import Console
-
-    from rich.markup import escape  # a message may hold brackets, e.g. pip install 'transfer-cli[slurm]'
-
-    console = Console(stderr=True)
-    console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
-    if err.fix:
-        console.print(f"[bold green]fix:[/] {escape(err.fix)}", highlight=False)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -127,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     try:
         if command not in COMMANDS:
-            import difflib
+            from transfer_cli.errors import close_matches
 
-            close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+            close = close_matches(command, COMMANDS, n=1)
             raise TransferError(
                 f"unknown command '{command}'",
                 f"did you mean `transfer {close[0]}`?" if close else f"commands: {', '.join(COMMANDS)}",

@@ -7,8 +7,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.errors import TransferError
-from transfer_cli.lifecycle.resume_config import is_resume, resume_launch
+from transfer_cli.errors import TransferError, print_error
+from transfer_cli.resume.plan import is_resume, resume_launch
 from transfer_cli.sweeps.callback import LAST_SWEEP
 from transfer_cli.sweeps.distributed import relaunchable_job, remember_entry
 from transfer_cli.sweeps.plugins import check_plugins
@@ -19,8 +19,7 @@ def _train_task(cfg: Any) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from transfer_cli.cli import print_error
-    from transfer_cli.config.compose import check_choices
+    from transfer_cli.config.choices import check_choices
 
     try:
         check_choices(cfg)
@@ -43,7 +42,6 @@ def _train_task(cfg: Any) -> Any:
 def run_train_app(args: list[str]) -> None:
     import hydra
 
-    from transfer_cli.cli import print_error
     from transfer_cli.config.compose import config_dir
     from transfer_cli.config.schema import register_configs
 
@@ -51,7 +49,7 @@ def run_train_app(args: list[str]) -> None:
     register_configs()
     remember_entry(sys.argv[0])  # how this process was started: DDP re-launches it for the other ranks
     with ExitStack() as stack:
-        if is_resume(args):  # the run's own config and run dir (transfer_cli/lifecycle/resume_config.py)
+        if is_resume(args):  # the run's own config and run dir (transfer_cli/resume/plan.py)
             args = stack.enter_context(resume_launch(args))
         sys.argv = ["transfer train", *args]  # hydra.main parses sys.argv itself
         app = hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(_train_task)

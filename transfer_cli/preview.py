@@ -13,27 +13,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.config.compose import compose
+from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_INT, Option, parse_command_args
+from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.errors import TransferError
 
 PAIRS_PER_ROW = 4
 
 
+OPTIONS = {
+    "n": Option(POSITIVE_INT, 16, help="a positive number of samples"),
+    "output": Option(str, "augment_preview.png", help="the PNG file to write", example="augment_preview.png"),
+}
+
+
 def parse_args(args: list[str]) -> tuple[int, Path, list[str]]:
     """(n, output, the remaining Hydra overrides); `n=` and `output=` belong to this command, not the config."""
-    n, output, overrides = "16", "augment_preview.png", []
-    for arg in args:
-        if arg.startswith("n="):
-            n = arg[2:]
-        elif arg.startswith("output="):
-            output = arg[len("output="):]
-        else:
-            overrides.append(arg)
-    if not n.isdigit() or int(n) < 1:
-        raise TransferError(f"n={n} is not a number of samples", "use e.g. n=16")
-    if not output:
+    values, overrides = parse_command_args("augment-preview", args, OPTIONS, ANY_OVERRIDE)
+    if not values["output"]:
         raise TransferError("output= names no file", "use e.g. output=augment_preview.png")
-    return int(n), Path(output).expanduser(), overrides
+    return int(values["n"]), Path(values["output"]).expanduser(), overrides
 
 
 def _display(image: Any, mean: Any, std: Any) -> Any:
@@ -50,15 +48,15 @@ def _mix_title(soft: Any, class_names: list[str]) -> str:
 def augment_preview(args: list[str]) -> Path:
     """Compose the config from `args`, write the grid, return its path."""
     n, output, overrides = parse_args(args)
-    cfg = compose(overrides)
+    cfg = as_schema(compose(overrides))
 
     import numpy as np
     import torch
     from matplotlib.figure import Figure
 
+    from transfer_cli.assembly.run import build_data
     from transfer_cli.data.images import BadImage, ImageDataset
     from transfer_cli.data.transforms import build_transform
-    from transfer_cli.train import build_data
     from transfer_cli.training.mixing import build_mixup, mix_batch
 
     # Only the preprocessing is needed, not the weights: nothing to download (a weights file or a named source

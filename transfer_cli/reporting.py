@@ -17,11 +17,12 @@ CONFIG_ORDER = ("data", "model", "transfer", "augmentation", "optimizer", "sched
 
 
 def print_config_tree(cfg: Any) -> None:
+    """The run's config (the schema's TrainConfig), group by group, as YAML."""
     tree = Tree(f"[bold]config[/] (name={cfg.name}, seed={cfg.seed})", guide_style="dim")
     for key in CONFIG_ORDER:
-        if key in cfg:
+        if hasattr(cfg, key):
             branch = tree.add(f"[bold cyan]{key}[/]")
-            text = OmegaConf.to_yaml(cfg[key], resolve=True).rstrip() or "{}"
+            text = OmegaConf.to_yaml(OmegaConf.structured(getattr(cfg, key))).rstrip() or "{}"
             branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
     console.print(tree)
 

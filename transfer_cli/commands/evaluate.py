@@ -8,14 +8,14 @@ are the trainer's (training/metrics.py), so `acc` here is the number the trainer
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from transfer_cli.commands.options import Option, parse_command_args
+from transfer_cli.atomic import atomic_write_json
+from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
@@ -64,37 +64,21 @@ def _choose_split(splits: Any, split: str | None) -> tuple[Any, str]:
 
 
 def collect_logits(restored: Any, images: Any, split: str) -> tuple[Any, Any]:
-    """(logits, targets) of every readable image of `split`, with the run's precision and eval.tta."""
-    import torch
-
-    from transfer_cli.commands.restore import inference_precision, pick_device
-    from transfer_cli.data.gpu_decode import resolve_decode
-    from transfer_cli.training.tta import tta_logits
+    """(logits, targets) of every readable image of `split`, with the run's precision, layout and eval.tta."""
+    from transfer_cli.inference import autocast_for, infer, pick_device, place_model
+    from transfer_cli.training.tta import tta_forward
 
     cfg = restored.cfg
-    device = pick_device(cfg)
-    decode_device = resolve_decode(cfg.data.decode, device)
-    if decode_device is not None:
-        images.decode_on(decode_device)
-    model = restored.model.to(device)
-    channels_last = device.type == "cuda" and bool(cfg.trainer.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    all_logits, all_targets = [], []
-    with inference_precision(cfg, device):
-        for batch in images.loader(split, augment=False):
-            inputs, targets = images.strip_bad(batch, device)
-            if len(targets) == 0:
-                continue
-            inputs = inputs.to(device, non_blocking=True)
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            logits = tta_logits(model, inputs, cfg.eval) if cfg.eval.tta != "none" else model(inputs)
-            all_logits.append(logits.float().cpu())
-            all_targets.append(targets.cpu())
-    if not all_logits:
+    device = pick_device(cfg.trainer.accelerator)
+    channels_last = bool(cfg.trainer.channels_last)
+    model = place_model(restored.model, device, channels_last)
+    logits, targets = infer(tta_forward(model, cfg.eval.tta, cfg.eval.multicrop_fraction),
+                            images.loader(split, augment=False), device=device,
+                            autocast=autocast_for(device, cfg.trainer.precision), channels_last=channels_last,
+                            prepare=lambda batch: images.strip_bad(batch, device))
+    if not len(targets):
         raise TransferError(f"no readable image in the {split} split", "check the data: bad_images.txt lists them")
-    return torch.cat(all_logits), torch.cat(all_targets)
+    return logits, targets
 
 
 def _multiclass_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -> tuple[dict, list[dict], list]:
@@ -109,7 +93,7 @@ def _multiclass_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -
     from transfer_cli.training.metrics import stage_metrics
 
     n = len(names)
-    metrics = {k.split("/", 1)[1]: float(v) for k, v in stage_metrics(cfg, n, "test")(logits, targets).items()}
+    metrics = {k.split("/", 1)[1]: float(v) for k, v in stage_metrics("multiclass", n, "test")(logits, targets).items()}
     if n >= 5:
         metrics["top5_acc"] = float(MulticlassAccuracy(num_classes=n, top_k=5, average="micro")(logits, targets))
     metrics["balanced_acc"] = float(MulticlassAccuracy(num_classes=n, average="macro")(logits, targets))
@@ -133,10 +117,11 @@ def _multilabel_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -
         MultilabelRecall,
     )
 
-    from transfer_cli.training.metrics import multilabel_threshold, stage_metrics
+    from transfer_cli.training.metrics import check_threshold, stage_metrics
 
-    n, threshold = len(names), multilabel_threshold(cfg)
-    metrics = {k.split("/", 1)[1]: float(v) for k, v in stage_metrics(cfg, n, "test")(logits, targets).items()}
+    n, threshold = len(names), check_threshold(cfg.multilabel_threshold)
+    metrics = {k.split("/", 1)[1]: float(v)
+               for k, v in stage_metrics("multilabel", n, "test", threshold)(logits, targets).items()}
     probs, hard = logits.sigmoid(), (targets >= 0.5).long()
     kwargs = {"num_labels": n, "threshold": threshold, "average": None}
     per = {"precision": MultilabelPrecision(**kwargs)(probs, hard).tolist(),
@@ -155,9 +140,9 @@ def _multilabel_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -
 def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None = None,
              output: str | Path | None = None) -> dict:
     """Score the checkpoint; returns the report (also written to <output>/eval_report.json)."""
+    from transfer_cli.assembly.data import discover, image_data
     from transfer_cli.commands.restore import restore
-    from transfer_cli.data.datamodule import ImageDataModule
-    from transfer_cli.data.sources import discover
+    from transfer_cli.inference import pick_device
     from transfer_cli.plots import CONFUSION_NAME, write_confusion_matrix, write_label_matrices
 
     started = time.time()
@@ -169,8 +154,7 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
     splits, split_name = _choose_split(splits, split)
     bad_log = out_dir / "bad_images.txt"
     bad_log.unlink(missing_ok=True)  # this evaluation's list, not an earlier one's
-    images = ImageDataModule(splits, restored.data_config, cfg.data, cfg.augmentation, seed=cfg.seed,
-                             bad_image_log=bad_log)
+    images = image_data(cfg, splits, restored.data_config, bad_log=bad_log, device=pick_device(cfg.trainer.accelerator))
     logits, targets = collect_logits(restored, images, split_name)
     multilabel = restored.task == "multilabel"
     metric_fn = _multilabel_metrics if multilabel else _multiclass_metrics
@@ -201,8 +185,7 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
     }
     if multilabel:
         report["multilabel_threshold"] = restored.threshold
-    report_path = out_dir / REPORT_NAME
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    report_path = atomic_write_json(out_dir / REPORT_NAME, report)
     report["report"] = str(report_path)
     return report
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.commands.options import POSITIVE_FLOAT, Option, parse_command_args
+from transfer_cli.atomic import atomic_write_json
+from transfer_cli.config.args import POSITIVE_FLOAT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
@@ -170,7 +171,7 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     exporter = write(model, sample_inputs(metadata, 2, seed=0), path, metadata)
     metadata["exporter"] = exporter
     sidecar = path.with_name(path.name + ".json")
-    sidecar.write_text(json.dumps(metadata, indent=2) + "\n")
+    atomic_write_json(sidecar, metadata)
 
     diff = 0.0
     for seed, batch in enumerate(CHECK_BATCHES, start=1):

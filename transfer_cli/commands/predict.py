@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import logging
 from dataclasses import dataclass, field
+import io
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from transfer_cli.commands.options import POSITIVE_INT, Option, parse_command_args
+from transfer_cli.atomic import atomic_write_text
+from transfer_cli.config.args import POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
@@ -41,11 +43,11 @@ class PredictResult:
 def list_inputs(source: str | Path) -> list[str]:
     """The image paths named by `source`: one image, every image under a folder (sorted, recursive), or the
     `path` column (else the first column) of a CSV, relative to the CSV's folder."""
-    from transfer_cli.data.sources import IMG_EXTENSIONS, _list_images
+    from transfer_cli.data.imagefolder import IMG_EXTENSIONS, list_images
 
     path = Path(source).expanduser()
     if path.is_dir():
-        found = _list_images(path)
+        found = list_images(path)
         if not found:
             raise TransferError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {path}",
                                 "input=<a folder of images, one image, or a CSV with a path column>")
@@ -68,39 +70,42 @@ def list_inputs(source: str | Path) -> list[str]:
 def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predictions.csv", topk: int = 3,
             overrides: Sequence[str] = ()) -> PredictResult:
     """Predict every image of `source` with the checkpoint and write the CSV `output`."""
-    from torch.utils.data import DataLoader
-
-    from transfer_cli.commands.restore import inference_precision, pick_device, restore
-    from transfer_cli.data.datamodule import collate_drop_bad, resolve_num_workers
-    from transfer_cli.data.images import ImageDataset
-    from transfer_cli.data.transforms import build_transform
+    from transfer_cli.commands.restore import restore
+    from transfer_cli.data.datamodule import collate_drop_bad
+    from transfer_cli.data.images import BadImages, ImageDataset
+    from transfer_cli.data.loaders import make_loader, resolve_num_workers
+    from transfer_cli.data.transforms import eval_transform
+    from transfer_cli.inference import autocast_for, infer, pick_device, place_model
     from transfer_cli.training.predictions import decode_predictions
-    from transfer_cli.training.tta import tta_logits
+    from transfer_cli.training.tta import tta_forward
 
     paths = list_inputs(source)
     restored = restore(ckpt, overrides)
     cfg, names, task = restored.cfg, restored.class_names, restored.task
     k = min(int(topk), len(names))
     # Each sample's "label" is its position in `paths`, so the good ones are found again after bad ones drop out.
-    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], build_transform(restored.data_config, None, False))
+    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(restored.data_config))
     shape = tuple(int(v) for v in restored.data_config["input_size"])
-    workers = resolve_num_workers(cfg.data.num_workers)
-    loader = DataLoader(dataset, batch_size=int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
-                        num_workers=workers, collate_fn=partial(collate_drop_bad, image_shape=shape))
-    device = pick_device(cfg)
-    model = restored.model.to(device)
+    loader = make_loader(dataset, int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
+                         num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed,
+                         collate_fn=partial(collate_drop_bad, image_shape=shape))
+    device = pick_device(cfg.trainer.accelerator)
+    channels_last = bool(cfg.trainer.channels_last)
+    model = place_model(restored.model, device, channels_last)
+    unreadable = BadImages(budget=len(paths))  # every unreadable input gets its row; none stops the command
+
+    def prepare(batch: Any) -> Any:
+        unreadable.record([(str(p), str(r)) for p, r in batch.bad])
+        return batch.images, batch.labels
+
+    logits, positions = infer(tta_forward(model, cfg.eval.tta, cfg.eval.multicrop_fraction), loader,
+                              device=device, autocast=autocast_for(device, cfg.trainer.precision),
+                              channels_last=channels_last, prepare=prepare)
     rows: list[dict | None] = [None] * len(paths)
-    bad: list[tuple[str, str]] = []
-    with inference_precision(cfg, device):
-        for batch in loader:
-            bad += [(str(p), str(r)) for p, r in batch.bad]
-            if len(batch.labels) == 0:
-                continue
-            inputs = batch.images.to(device)
-            logits = tta_logits(model, inputs, cfg.eval) if cfg.eval.tta != "none" else model(inputs)
-            predictions = decode_predictions(logits.float().cpu(), names, task, restored.threshold)
-            for index, pred in zip(batch.labels.tolist(), predictions):
-                rows[index] = _row(paths[index], pred, names, task, k)
+    predictions = decode_predictions(logits, names, task, restored.threshold) if len(positions) else []
+    for index, pred in zip(positions.tolist(), predictions):
+        rows[index] = _row(paths[index], pred, names, task, k)
+    bad = unreadable.items
     position = {p: i for i, p in enumerate(paths)}
     for path, reason in bad:
         rows[position[path]] = {"path": path, "error": reason}
@@ -131,11 +136,11 @@ def _write_csv(output: Path, rows: list[dict], k: int) -> None:
     for rank in range(1, k + 1):
         columns += [f"top{rank}_label", f"top{rank}_prob"]
     columns.append("error")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output, text.getvalue())
 
 
 def predict_command(args: list[str]) -> None:

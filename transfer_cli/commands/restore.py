@@ -8,24 +8,26 @@ i.e. exactly what the network saw during validation.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_cli.config.compose import as_schema
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
-from transfer_cli.lifecycle.checkpoint_files import (
+from transfer_cli.models.classifier import Classifier
+from transfer_cli.resume.checkpoints import (
     checkpoint_config,
     checkpoint_meta,
+    forget_checkpoint,
     read_checkpoint,
     resolve_checkpoint,
     run_dir_of,
 )
-from transfer_cli.models.classifier import Classifier
 
 log = logging.getLogger("transfer_cli")
 
@@ -38,7 +40,7 @@ PREPROCESSING_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
 class Restored:
     checkpoint: Path
     run_dir: Path
-    cfg: DictConfig  # the run's config with the command's overrides applied
+    cfg: TrainConfig  # the run's config with the command's overrides applied
     meta: dict
     data_config: dict  # input_size, interpolation, crop_pct, mean, std (+ member_norms for combined backbones)
     model: Classifier  # on the CPU, in eval mode
@@ -89,32 +91,31 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def _data_config(meta: dict, overrides: Sequence[str], cfg: DictConfig) -> dict:
+def _data_config(meta: dict, overrides: Sequence[str], cfg: TrainConfig) -> dict:
     data_config = dict(meta["data_config"])
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     if "data.image_size" in given and cfg.data.image_size is not None:
         channels = int(data_config["input_size"][0])
         data_config["input_size"] = [channels, int(cfg.data.image_size), int(cfg.data.image_size)]
     for key in PREPROCESSING_KEYS[1:]:
-        if f"data.{key}" in given and cfg.data[key] is not None:
-            value = cfg.data[key]
+        if f"data.{key}" in given and getattr(cfg.data, key) is not None:
+            value = getattr(cfg.data, key)
             data_config[key] = list(value) if key in ("mean", "std") else value
     return data_config
 
 
-def build_model(cfg: DictConfig, meta: dict, state_dict: dict, source: Path) -> Classifier:
+def build_model(cfg: TrainConfig, meta: dict, state_dict: dict, source: Path) -> Classifier:
     """The Classifier of the run, its weights from `state_dict` (the checkpoint's)."""
     from transfer_cli.models.combined import CombinedBackbone, build_backbone
 
     # No download and no weights file: every backbone tensor is in the checkpoint.
-    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": False, "weights": None})
+    model_cfg = dataclasses.replace(cfg.model, pretrained=False, weights=None)
     backbone, _ = build_backbone(model_cfg, cfg.data)
-    # Per-member normalization of a feature combination lives in non-persistent buffers, so it is not in the
-    # state_dict; it came from each member's weight source, which this rebuild skipped.
+    # Per-member normalization of a feature combination is not in the state_dict; it came from each member's
+    # weight source, which this rebuild skipped.
     norms = meta["data_config"].get("member_norms") if isinstance(backbone, CombinedBackbone) else None
-    for i, norm in enumerate(norms or []):
-        getattr(backbone, f"mean{i}").copy_(torch.tensor(norm["mean"]).view(1, -1, 1, 1))
-        getattr(backbone, f"std{i}").copy_(torch.tensor(norm["std"]).view(1, -1, 1, 1))
+    if norms:
+        backbone.set_member_norms([(n["mean"], n["std"]) for n in norms])
     model = Classifier(backbone, len(meta["class_names"]), int(cfg.model.head_hidden_dim),
                        float(cfg.model.head_dropout))
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
@@ -134,33 +135,11 @@ def restore(ref: str | Path, overrides: Sequence[str] = (), prefer: str = "best"
     meta = checkpoint_meta(ckpt, path)
     if "state_dict" not in ckpt:
         raise TransferError(f"{path} holds no state_dict", "pass a checkpoint written by `transfer train`")
-    cfg = apply_overrides(checkpoint_config(ckpt), overrides)
+    cfg = as_schema(apply_overrides(checkpoint_config(ckpt), overrides))
     model = build_model(cfg, meta, ckpt["state_dict"], path)
+    forget_checkpoint()  # the weights are in the model now
     log.info("restored %s (%s, %d classes)", path, meta.get("backbone"), len(meta["class_names"]))
     return Restored(path, run_dir_of(path), cfg, meta, _data_config(meta, overrides, cfg), model)
 
 
-def pick_device(cfg: DictConfig) -> torch.device:
-    """The run's accelerator when this machine has it; a checkpoint trained on a GPU still evaluates on a CPU."""
-    wanted = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto") or "auto")
-    if wanted in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if wanted in ("gpu", "cuda"):
-        log.warning("trainer.accelerator=%s but no GPU is available: running on the CPU", wanted)
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def inference_precision(cfg: DictConfig, device: torch.device) -> Iterator[None]:
-    """The run's mixed precision (trainer.precision), so evaluation numbers match the trainer's."""
-    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
-        with torch.inference_mode():
-            yield
-        return
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
-        yield
-
-
-__all__ = ["Restored", "restore", "apply_overrides", "build_model", "pick_device", "inference_precision"]
+__all__ = ["Restored", "restore", "apply_overrides", "build_model"]

@@ -6,14 +6,13 @@ Everything here imports only Hydra/OmegaConf, so a mistyped override fails in we
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from transfer_cli.config.schema import CHOICES, TrainConfig, register_configs
-from transfer_cli.errors import TransferError
+from transfer_cli.config.schema import TrainConfig, register_configs
+from transfer_cli.errors import TransferError, close_matches
 
 SKIPPED_GROUPS = {"hydra"}  # Hydra's own group: its keys are Hydra's business
 
@@ -39,10 +38,6 @@ def config_groups() -> dict[str, list[str]]:
         for d in sorted(root.iterdir())
         if d.is_dir() and not d.name.startswith(("_", ".")) and any(d.glob("*.yaml"))
     }
-
-
-def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
 
 
 def _suggest(word: str, candidates: Iterable[str]) -> str:
@@ -111,23 +106,6 @@ def check_overrides(overrides: list[str]) -> None:
         _check_key(key)
 
 
-def check_choices(cfg: Any) -> None:
-    """Fields whose value must be one of a few names (CHOICES), after composition."""
-    from omegaconf import OmegaConf
-
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and str(value) not in allowed and str(value).lower() in allowed:
-            # `key=false` reaches a string field as "False" (Hydra parses it as a bool first): same choice.
-            OmegaConf.update(cfg, key, str(value).lower())
-            continue
-        if value is not None and str(value) not in allowed:
-            hint = _suggest(str(value), allowed)
-            raise TransferError(
-                f"{key}={value} is not a valid choice. {hint}".rstrip(), f"set {key} to one of: {', '.join(allowed)}"
-            )
-
-
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> Any:
     """The composed config, as `transfer train` would build it (for tests and the non-train commands)."""
     from hydra import compose as hydra_compose
@@ -144,5 +122,30 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> A
             cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=False)
     except HydraException as e:
         raise TransferError(f"the config does not compose: {e}", "check the overrides against `transfer train --help`")
+    from transfer_cli.config.choices import check_choices
+
     check_choices(cfg)
     return cfg
+
+
+def as_schema(cfg: Any) -> TrainConfig:
+    """The config as the schema's dataclasses: plain, typed Python values, every interpolation resolved, every
+    default the schema's. A TrainConfig passes through; a DictConfig (composed, or restored from a checkpoint
+    written by this or an earlier version) is merged onto the schema first."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        try:
+            merged.paths.output_dir  # noqa: B018 - Hydra's run dir, which only a Hydra run has
+        except OmegaConfBaseException:
+            merged.paths.output_dir = None
+        typed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise TransferError(f"the config does not fit the schema: {str(e).splitlines()[0]}",
+                            "check the overrides against `transfer train --help`")
+    assert isinstance(typed, TrainConfig)
+    return typed

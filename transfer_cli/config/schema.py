@@ -1,16 +1,16 @@
 """Typed schema of every config group, registered in Hydra's ConfigStore.
 
-The YAML files under configs/ only choose values; these dataclasses say which keys exist and their types, so a
-mistyped key or a wrong type fails when the config is composed, before anything heavy is imported.
+The YAML files under configs/ only choose values; these dataclasses say which keys exist, their types and their
+defaults (a default lives here and nowhere else), so a mistyped key or a wrong type fails when the config is
+composed, before anything heavy is imported. After composition a run's config becomes an instance of
+`TrainConfig` (config/compose.py `as_schema`): plain, typed Python values, which is what the assembly layer reads.
+The names a choice field allows are in config/choices.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
-
-from omegaconf import MISSING
-
 
 @dataclass
 class DataConfig:
@@ -187,7 +187,8 @@ class EvalConfig:
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "${hydra:runtime.output_dir}"
+    # The run dir: Hydra's run dir when `transfer train` runs; None in a config composed outside a Hydra run.
+    output_dir: Optional[str] = "${hydra:runtime.output_dir}"
 
 
 @dataclass
@@ -196,7 +197,7 @@ class TrainConfig:
     seed: int = 42
     task: str = "multiclass"  # multiclass: one class per image (softmax) | multilabel: a label set (sigmoid)
     multilabel_threshold: float = 0.5  # multilabel: a label is predicted when its sigmoid >= this (F1, predictions)
-    resume: Optional[str] = None  # a run dir, its .ckpt, or last: continue that run (transfer_cli/lifecycle)
+    resume: Optional[str] = None  # a run dir, its .ckpt, or last: continue that run (transfer_cli/resume)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -210,28 +211,6 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
-# Allowed values of the string "choice" fields, checked after composition (OmegaConf has no Literal type).
-CHOICES: Dict[str, List[str]] = {
-    "data.source": ["imagefolder", "csv", "elpv"],
-    "data.elpv_task": ["binary", "four_class"],
-    "data.elpv_cell_type": ["all", "mono", "poly"],
-    "transfer.mode": ["feature_extract", "fine_tune", "partial", "gradual_unfreeze"],
-    "transfer.bn": ["frozen", "train"],
-    "transfer.cache_features": ["auto", "true", "false"],
-    "data.decode": ["cpu", "gpu"],
-    "augmentation.name": ["none", "light", "medium", "randaugment", "trivialaugment", "autoaugment"],
-    "data.class_weights": ["none", "auto"],
-    "optimizer.name": ["sgd", "adamw", "adam", "rmsprop", "lamb", "lion"],
-    "scheduler.name": ["cosine", "step", "multistep", "exponential", "onecycle", "plateau", "constant", "none"],
-    "scheduler.mode": ["max", "min"],
-    "trainer.gradient_clip_algorithm": ["norm", "value"],
-    "data.sampler": ["shuffle", "balanced"],
-    "eval.tta": ["none", "hflip", "flips", "multicrop"],
-    "callbacks.mode": ["max", "min"],
-    "callbacks.test_ckpt": ["best", "last"],
-    "task": ["multiclass", "multilabel"],
-}
-
 SCHEMA_NAME = "train_schema"
 
 
@@ -241,4 +220,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
-__all__ = ["TrainConfig", "CHOICES", "register_configs", "MISSING"]
+__all__ = ["TrainConfig", "register_configs"]

@@ -9,17 +9,20 @@ from the backbone's data config, so training images match what the model sees at
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-PRESETS = ("none", "light", "medium", "randaugment", "trivialaugment", "autoaugment")
-
-# The automatic policies, each given (aug_cfg, fill); BILINEAR because their default (NEAREST) makes jagged edges.
-_POLICIES: Dict[str, Callable[[Any, list], v2.Transform]] = {
+# augmentation=<name>: the op a preset adds after the crop, flips and the knobs (none: no augmentation at all,
+# the evaluation preprocessing; light and medium differ only in the knob values their YAML files set). Each is
+# given (aug_cfg, fill); BILINEAR because the automatic policies' default (NEAREST) makes jagged edges.
+PRESETS: Dict[str, Optional[Callable[[Any, list], v2.Transform]]] = {
+    "none": None,
+    "light": None,
+    "medium": None,
     "randaugment": lambda cfg, fill: v2.RandAugment(
         num_ops=int(cfg.num_ops), magnitude=int(cfg.magnitude), interpolation=InterpolationMode.BILINEAR, fill=fill
     ),
@@ -87,8 +90,9 @@ def augmented_transform(
         # Saturation leaves grayscale-origin images (R = G = B) unchanged, so this is safe for them.
         strength = float(aug_cfg.color_jitter)
         ops.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
-    if aug_cfg.name in _POLICIES:
-        ops.append(_POLICIES[aug_cfg.name](aug_cfg, fill))
+    policy = PRESETS[aug_cfg.name]
+    if policy is not None:
+        ops.append(policy(aug_cfg, fill))
     ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if float(aug_cfg.noise_std) > 0:
         ops.append(v2.GaussianNoise(sigma=float(aug_cfg.noise_std), clip=True))  # in [0, 1] pixel units

@@ -1,28 +1,28 @@
 """LightningDataModule over discovered samples: loaders, reproducible shuffling, and bad-image bookkeeping.
 
-Unreadable images are skipped rather than fatal, up to data.max_bad_images; each one is listed in the run
-dir's log so the user can repair the data set, and one too many stops the run with the full list.
+It is given everything it needs, built elsewhere (transfer_cli/assembly/data.py): the splits, the two
+transform pipelines, how to load (batch sizes, workers, sampler, seed), where decoding happens, and the budget
+of unreadable images. Unreadable images are skipped rather than fatal, up to that budget (data/images.py).
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from transfer_cli import seeding
 from transfer_cli.data.gpu_decode import DeviceDecoder, EncodedBatch, EncodedImageDataset, collate_encoded
-from transfer_cli.data.images import BadImage, ImageDataset, format_bad, scan_images
-from transfer_cli.data.samplers import train_sampler
-from transfer_cli.data.sources import SPLITS, DataSplits, Sample
-from transfer_cli.data.transforms import build_transform
+from transfer_cli.data.images import BadImages, ImageDataset, scan_images
+from transfer_cli.data.loaders import LoaderSettings, make_loader
+from transfer_cli.data.samplers import ResumableSampler, ResumeStart, train_sampler
+from transfer_cli.data.seeded import SeededItems
+from transfer_cli.data.splits import SPLITS, DataSplits, Sample
+from transfer_cli.data.transforms import Transforms
 from transfer_cli.errors import TransferError
-from transfer_cli.lifecycle.determinism import EpochIndexSampler, EpochSeededDataset, place_sampler
 
 
 class Batch(NamedTuple):
@@ -45,86 +45,40 @@ def collate_drop_bad(
     items: Sequence[Any], image_shape: Tuple[int, int, int], num_labels: Optional[int] = None
 ) -> Batch:
     """`num_labels`: None when each sample has one class index; the class count when samples carry label sets."""
+    from transfer_cli.data.images import BadImage
+
     good = [it for it in items if not isinstance(it, BadImage)]
     bad = [(it.path, it.reason) for it in items if isinstance(it, BadImage)]
     if good:
         images = torch.stack([img for img, _ in good])
         label_list = [label for _, label in good]
-        if num_labels is None:
-            labels = torch.tensor(label_list, dtype=torch.long)
-        else:
-            labels = multi_hot(label_list, num_labels)
+        labels = torch.tensor(label_list, dtype=torch.long) if num_labels is None else multi_hot(label_list, num_labels)
     else:  # keep the shapes a model expects, so a step can check for N == 0 instead of crashing
         images = torch.empty((0, *image_shape), dtype=torch.float32)
-        if num_labels is None:
-            labels = torch.empty((0,), dtype=torch.long)
-        else:
-            labels = torch.empty((0, num_labels), dtype=torch.float32)
+        labels = torch.empty((0,), dtype=torch.long) if num_labels is None else torch.empty((0, num_labels))
     return Batch(images, labels, bad)
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends on (seed, epoch) only: resuming at epoch k replays epoch k's order, and
-    nothing else that consumes random numbers (model init, augmentation) can shift it."""
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples = num_samples
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every training epoch
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        # SeedSequence mixes both numbers, so neighbouring (seed, epoch) pairs give unrelated orders.
-        rng = np.random.default_rng([self.seed % 2**64, self.epoch])
-        return iter(rng.permutation(self.num_samples).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def resolve_num_workers(value: Any) -> int:
-    """data.num_workers: a count, or "auto". Auto leaves one core to the training process, which on a small
-    machine does the heavy lifting itself; more than 8 decoders rarely pay off for a single device."""
-    if str(value) == "auto":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(0, min(8, cores - 1))
-    try:
-        workers = int(value)
-    except (TypeError, ValueError):
-        workers = -1
-    if workers < 0:
-        raise TransferError(f"data.num_workers={value} is not a worker count", "use data.num_workers=auto or 0, 1, 2, ...")
-    return workers
 
 
 class ImageDataModule(pl.LightningDataModule):
     def __init__(
         self,
         splits: DataSplits,
-        data_config: Dict[str, Any],
-        data_cfg: Any,
-        aug_cfg: Any,
-        seed: int,
-        bad_image_log: Optional[Path] = None,
+        transforms: Transforms,
+        loading: LoaderSettings,
+        bad_images: BadImages,
+        decoder: Optional[DeviceDecoder] = None,  # data.decode=gpu: workers read bytes, this decodes them
+        resume_start: Optional[ResumeStart] = None,  # where a restored run's interrupted epoch resumes
     ):
         super().__init__()
         self.splits = splits
-        self.data_config = dict(data_config)
-        self.data_cfg = data_cfg
-        self.aug_cfg = aug_cfg
-        self.seed = int(seed)
-        self.bad_image_log = Path(bad_image_log) if bad_image_log is not None else None
-        self.max_bad_images = int(data_cfg.max_bad_images)
-        self.batch_size = int(data_cfg.batch_size)
-        self.eval_batch_size = int(data_cfg.eval_batch_size or 2 * self.batch_size)
-        self.num_workers = resolve_num_workers(data_cfg.num_workers)
-        self.image_shape = tuple(int(v) for v in self.data_config["input_size"])
-        self._transforms = {aug: build_transform(self.data_config, aug_cfg, train=aug) for aug in (True, False)}
-        self._bad: Dict[str, str] = {}  # path -> reason; a dict, so it is a set that keeps first-seen order
-        self._samples: Optional[Dict[str, List[Sample]]] = None
-        self.device_decoder: Optional[DeviceDecoder] = None  # data.decode=gpu, switched on by decode_on()
+        self.transforms = transforms
+        self.loading = loading
+        self.bad = bad_images
+        self.decoder = decoder
+        self.resume_start = resume_start
+        self.batch_size = loading.batch_size  # an attribute: Lightning's batch-size Tuner scales it
+        self.eval_batch_size = loading.eval_batch_size
+        self._samples: Optional[dict] = None
 
     # ------------------------------------------------------------ metadata
 
@@ -137,12 +91,16 @@ class ImageDataModule(pl.LightningDataModule):
         return len(self.splits.class_names)
 
     @property
-    def class_to_idx(self) -> Dict[str, int]:
-        return {c: i for i, c in enumerate(self.splits.class_names)}
+    def image_shape(self) -> Tuple[int, int, int]:
+        return self.transforms.image_shape
+
+    @property
+    def data_config(self) -> dict:
+        return self.transforms.data_config
 
     @property
     def bad_images(self) -> List[Tuple[str, str]]:
-        return list(self._bad.items())
+        return self.bad.items
 
     def samples(self, split: str) -> List[Sample]:
         """The split's samples after setup()'s scan, in loader order (unshuffled)."""
@@ -154,44 +112,23 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------ bad images
 
-    def record_bad(self, bad: Sequence[Tuple[str, str]]) -> None:
-        """Remember newly failed images, append them to the log, and stop once there are too many."""
-        new = [(str(p), str(r)) for p, r in bad if str(p) not in self._bad]
-        if new:
-            self._bad.update(new)
-            if self.bad_image_log is not None:
-                self.bad_image_log.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.bad_image_log, "a", encoding="utf-8") as f:
-                    f.writelines(f"{p}\t{r}\n" for p, r in new)
-        if len(self._bad) > self.max_bad_images:
-            where = f" (listed in {self.bad_image_log})" if self.bad_image_log is not None else ""
-            raise TransferError(
-                f"{len(self._bad)} unreadable image(s){where}, more than "
-                f"data.max_bad_images={self.max_bad_images}:\n{format_bad(self.bad_images)}",
-                f"remove or repair those files, or allow more: data.max_bad_images={len(self._bad)}",
-            )
-
-    def decode_on(self, device: Any) -> None:
-        """data.decode=gpu: from now on the workers only read the files, and `device` decodes and transforms."""
-        self.device_decoder = DeviceDecoder(self._transforms, self.image_shape, device)
-
     def strip_bad(self, batch: Any, device: Any = None) -> Any:
         """(images, labels) of a loader batch, recording the images it dropped. Code that iterates a loader
         itself (outside a Trainer that has this data module) calls this on each batch. With data.decode=gpu
-        the images are decoded here, on `device` (default: the one given to decode_on)."""
-        if isinstance(batch, EncodedBatch) and self.device_decoder is not None:
-            images, labels, bad = self.device_decoder.decode(batch, device)
-            self.record_bad(bad)
+        the images are decoded here, on `device` (default: the decoder's)."""
+        if isinstance(batch, EncodedBatch) and self.decoder is not None:
+            images, labels, bad = self.decoder.decode(batch, device)
+            self.bad.record(bad)
             return images, labels
         if not isinstance(batch, Batch):
             return batch
         if batch.bad:
-            self.record_bad([tuple(b) for b in batch.bad])  # pin_memory turns the inner tuples into lists
+            self.bad.record([tuple(b) for b in batch.bad])  # pin_memory turns the inner tuples into lists
         return batch.images, batch.labels
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Runs in the main process, where the set of bad images and the log live; workers cannot share them.
-        return self.strip_bad(batch, self.trainer.strategy.root_device if self.trainer is not None else None)
+        return self.strip_bad(batch)
 
     # ------------------------------------------------------------ setup and loaders
 
@@ -199,65 +136,63 @@ class ImageDataModule(pl.LightningDataModule):
         if self._samples is not None:  # Lightning calls setup once per stage; the scan is needed only once
             return
         every = [s for split in SPLITS for s in getattr(self.splits, split)]
-        # Budget = everything here, so all bad files get logged; record_bad then enforces the real budget.
+        # Budget = everything here, so all bad files get logged; record() then enforces the real budget.
         bad = scan_images(every, budget=len(every))
-        self.record_bad(bad)
+        self.bad.record(bad)
         dropped = {p for p, _ in bad}
         self._samples = {split: [s for s in getattr(self.splits, split) if s[0] not in dropped] for split in SPLITS}
         for split in ("train", "val"):
             if getattr(self.splits, split) and not self._samples[split]:  # an empty val: data.val_fraction=0
-                raise TransferError(
-                    f"every image of the {split} split is unreadable:\n{format_bad(bad)}",
-                    "remove or repair those files",
-                )
+                from transfer_cli.data.images import format_bad
+
+                raise TransferError(f"every image of the {split} split is unreadable:\n{format_bad(bad)}",
+                                    "remove or repair those files")
+
+    def dataset(self, split: str, augment: bool) -> Any:
+        """The split's images as the loaders read them: decoded and transformed, or (data.decode=gpu) bytes."""
+        samples = self.samples(split)
+        if self.decoder is not None:
+            return EncodedImageDataset(samples)
+        return ImageDataset(samples, self.transforms.pick(augment))
+
+    def collate(self, augment: bool) -> Any:
+        num_labels = self.num_classes if self.splits.multilabel else None
+        if self.decoder is not None:
+            return partial(collate_encoded, augment=bool(augment),
+                           collate_labels=partial(multi_hot, num_labels=num_labels) if num_labels else None)
+        return partial(collate_drop_bad, image_shape=self.image_shape, num_labels=num_labels)
 
     def loader(self, split: str, augment: bool, shuffle: bool = False) -> DataLoader:
         """A DataLoader over one split; e.g. loader("train", augment=False) gives the training images with eval
         preprocessing, in a fixed order, for precomputing frozen-backbone features."""
         samples = self.samples(split)
         if not samples:
-            raise TransferError(
-                f"the data set has no {split} split",
-                "add a test/ folder (or split=test rows), or set data.test_fraction=0.1",
-            )
-        if self.device_decoder is not None:  # data.decode=gpu: file bytes, decoded in strip_bad
-            dataset: Any = EncodedImageDataset(samples)
-            collate = partial(collate_encoded, augment=bool(augment), collate_labels=partial(
-                multi_hot, num_labels=self.num_classes) if self.splits.multilabel else None)
-        else:
-            dataset = ImageDataset(samples, self._transforms[bool(augment)])
-            collate = partial(collate_drop_bad, image_shape=self.image_shape,
-                              num_labels=self.num_classes if self.splits.multilabel else None)
-        sampler = train_sampler(getattr(self.data_cfg, "sampler", "shuffle"), [s[1] for s in samples], self.seed) \
-            if shuffle else None  # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
-        if sampler is not None and self.device_decoder is None:
-            # Augmentation seeded by (seed, epoch, image) and a sampler that can skip the batches an interrupted
+            raise TransferError(f"the data set has no {split} split",
+                                "add a test/ folder (or split=test rows), or set data.test_fraction=0.1")
+        dataset, sampler = self.dataset(split, augment), None
+        if shuffle:  # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
+            base = train_sampler(self.loading.sampler, [s[1] for s in samples], self.loading.seed)
+            # Augmentation seeded by (seed, epoch, image) and a sampler that skips the batches an interrupted
             # epoch already trained on: a resumed run sees exactly the images an uninterrupted one would.
-            dataset, sampler = EpochSeededDataset(dataset, self.seed), EpochIndexSampler(sampler)
-        workers = self.num_workers
-        batch_size = self.batch_size if augment else self.eval_batch_size  # no gradients kept when evaluating
+            keys = self.decoder is None
+            if keys:
+                dataset = SeededItems(dataset, self.loading.seed, seeding.AUGMENT)
+            sampler = ResumableSampler(base, keys=keys, resume_start=self._batches_to_draws)
+        batch_size = self.batch_size if augment else self.eval_batch_size  # the batch-size Tuner sets these
         # A last training batch of one image breaks BatchNorm in train mode ("expected more than 1 value per
         # channel"): drop just that one, never a larger remainder.
         drop_last = bool(shuffle) and batch_size > 1 and len(samples) % batch_size == 1
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            shuffle=False,
-            drop_last=drop_last,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            # Encoded batches stay in pageable memory: nvJPEG copies the compressed bytes itself.
-            pin_memory=torch.cuda.is_available() and self.device_decoder is None,
-            collate_fn=collate,
-            # Worker base seeds (hence the random crops and flips) follow `seed`, independent of the sampler.
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return make_loader(dataset, batch_size, num_workers=self.loading.num_workers, seed=self.loading.seed,
+                           sampler=sampler, collate_fn=self.collate(augment), drop_last=drop_last,
+                           # Encoded batches stay in pageable memory: nvJPEG copies the compressed bytes itself.
+                           pin_memory=torch.cuda.is_available() and self.decoder is None)
+
+    def _batches_to_draws(self) -> Optional[Tuple[int, int]]:
+        start = self.resume_start() if self.resume_start is not None else None
+        return None if start is None else (start[0], start[1] * self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self.loader("train", augment=True, shuffle=True)
-        place_sampler(loader.sampler, self.trainer, len(loader), self.batch_size)  # epoch and mid-epoch resume
-        return loader
+        return self.loader("train", augment=True, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", augment=False)
@@ -269,4 +204,4 @@ class ImageDataModule(pl.LightningDataModule):
         return self.loader("test" if self.splits.test else "val", augment=False)
 
 
-__all__ = ["ImageDataModule", "EpochShuffleSampler", "Batch", "collate_drop_bad"]
+__all__ = ["ImageDataModule", "Batch", "collate_drop_bad", "multi_hot"]

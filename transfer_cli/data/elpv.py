@@ -8,9 +8,9 @@ extra and the licence in every source description.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import List
 
-from transfer_cli.data.sources import DataSplits, Sample, split_fractions, split_samples
+from transfer_cli.data.splits import DataSplits, Sample, split_fractions, split_samples
 from transfer_cli.errors import TransferError
 
 _ELPV_LICENSE = "CC-BY-NC-SA-4.0"
@@ -30,9 +30,9 @@ def elpv_labels_file() -> Path:
     return Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
 
 
-def from_elpv(data_cfg: Any) -> DataSplits:
-    """The 2624 ELPV cells as (path, label) samples, split by data.split_seed."""
-    task, cell_type = data_cfg.elpv_task, data_cfg.elpv_cell_type
+def from_elpv(task: str, cell_type: str, val_fraction: float, test_fraction: float, split_seed: int) -> DataSplits:
+    """The 2624 ELPV cells as (path, label) samples, split by `split_seed`; `task`: binary | four_class,
+    `cell_type`: all | mono | poly."""
     if task not in ELPV_CLASSES:
         raise TransferError(f"unknown data.elpv_task '{task}'", "use data.elpv_task=binary|four_class")
     if cell_type not in ("all", "mono", "poly"):
@@ -50,10 +50,11 @@ def from_elpv(data_cfg: Any) -> DataSplits:
             continue
         label = int(prob >= 0.5) if task == "binary" else int(round(prob * 3))
         samples.append((str(labels_file.parent / rel), label))
-    train, val, test = split_samples(samples, split_fractions(data_cfg, True), int(data_cfg.split_seed))
+    fractions = split_fractions(val_fraction, test_fraction, True)
+    train, val, test = split_samples(samples, fractions, int(split_seed))
     desc = (
         f"ELPV solar cells (elpv-dataset, license {_ELPV_LICENSE}; task={task}, cells={cell_type}, "
-        f"split_seed={data_cfg.split_seed})"
+        f"split_seed={split_seed})"
     )
     return DataSplits(list(ELPV_CLASSES[task]), train, val, test, desc)
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from transfer_cli.data.images import BadImage, _reason, load_rgb
+from transfer_cli.data.images import BadImage, describe_error, load_rgb
 
 log = logging.getLogger("transfer_cli")
 
@@ -84,7 +84,7 @@ class EncodedImageDataset:
         try:
             payload, orientation = read_encoded(path)
         except Exception as e:  # vanished, unreadable, undecodable non-JPEG: never kill the worker
-            return BadImage(path, _reason(e))
+            return BadImage(path, describe_error(e))
         return payload, orientation, label, path
 
 
@@ -165,6 +165,11 @@ class DeviceDecoder:
         self.image_shape = tuple(int(v) for v in image_shape)
         self.device = torch.device(device)
 
+    @classmethod
+    def for_transforms(cls, transforms: Any, device: Any) -> "DeviceDecoder":
+        """The decoder of a run's data/transforms.py Transforms (train and eval pipelines) on `device`."""
+        return cls({True: transforms.train, False: transforms.eval}, transforms.image_shape, device)
+
     def decode(self, batch: EncodedBatch, device: Any = None) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[str, str]]]:
         """(images, labels, bad): `bad` lists the worker's failures and the files no decoder could read."""
         device = torch.device(device) if device is not None else self.device
@@ -181,7 +186,7 @@ class DeviceDecoder:
                 try:
                     images[i] = F.pil_to_tensor(load_rgb(batch.paths[i]))
                 except Exception as e:
-                    bad.append((batch.paths[i], _reason(e)))
+                    bad.append((batch.paths[i], describe_error(e)))
         per_image, per_batch = self.pipelines[bool(batch.augment)]
         keep = [i for i, image in enumerate(images) if image is not None]
         if not keep:

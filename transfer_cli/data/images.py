@@ -7,7 +7,8 @@ cut short by a failed copy. Everything decodable comes out as 8-bit RGB; everyth
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,7 +23,8 @@ class BadImage(NamedTuple):
     reason: str
 
 
-def _reason(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """An exception as one line for logs and bad_images.txt: its type and message, tabs and newlines removed."""
     return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
 
 
@@ -91,7 +93,7 @@ def _header_problem(path: str) -> Optional[str]:
     except FileNotFoundError:
         return "file not found"
     except Exception as e:  # UnidentifiedImageError, PermissionError, DecompressionBombError, ...
-        return _reason(e)
+        return describe_error(e)
     return None
 
 
@@ -126,6 +128,41 @@ def scan_images(samples: Iterable[Union[str, Tuple[str, Any]]], budget: int) -> 
     return bad
 
 
+class BadImages:
+    """The images a run could not read: listed in a log file as they are found, fatal past a budget.
+
+    Unreadable images are skipped rather than fatal, up to `budget` (data.max_bad_images), so one broken file in
+    a large folder does not cost a run; each is listed so the user can repair the data set, and one too many
+    stops the run with the full list.
+    """
+
+    def __init__(self, budget: int, log: Optional[Path] = None):
+        self.budget = int(budget)
+        self.log = Path(log) if log is not None else None
+        self._found: Dict[str, str] = {}  # path -> reason; a dict, so a set that keeps first-seen order
+
+    @property
+    def items(self) -> List[Tuple[str, str]]:
+        return list(self._found.items())
+
+    def record(self, bad: Sequence[Tuple[str, str]]) -> None:
+        """Remember newly failed images, append them to the log, and stop once there are too many."""
+        new = [(str(p), str(r)) for p, r in bad if str(p) not in self._found]
+        if new:
+            self._found.update(new)
+            if self.log is not None:
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.log, "a", encoding="utf-8") as f:
+                    f.writelines(f"{p}\t{r}\n" for p, r in new)
+        if len(self._found) > self.budget:
+            where = f" (listed in {self.log})" if self.log is not None else ""
+            raise TransferError(
+                f"{len(self._found)} unreadable image(s){where}, more than "
+                f"data.max_bad_images={self.budget}:\n{format_bad(self.items)}",
+                f"remove or repair those files, or allow more: data.max_bad_images={len(self._found)}",
+            )
+
+
 class ImageDataset:
     """Map-style dataset of (path, label) samples: `(transform(image), label)`, or a `BadImage` marker."""
 
@@ -141,9 +178,9 @@ class ImageDataset:
         try:
             img = load_rgb(path)
         except Exception as e:  # truncated, corrupt, vanished since setup, too large: never kill the worker
-            return BadImage(path, _reason(e))
+            return BadImage(path, describe_error(e))
         # Outside the try: a transform failing on a decoded RGB image is a bug and should surface.
         return (self.transform(img) if self.transform is not None else img), label
 
 
-__all__ = ["BadImage", "ImageDataset", "load_rgb", "scan_images", "format_bad"]
+__all__ = ["BadImage", "BadImages", "ImageDataset", "load_rgb", "scan_images", "format_bad", "describe_error"]

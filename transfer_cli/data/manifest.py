@@ -10,18 +10,19 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
-from transfer_cli.data.sources import SPLIT_ALIASES, SPLITS, DataSplits, Sample, split_fractions, split_samples
+from transfer_cli.data.splits import SPLIT_ALIASES, SPLITS, DataSplits, Sample, split_fractions, split_samples
 from transfer_cli.errors import TransferError
 
 
-def from_csv(data_cfg: Any, task: str = "multiclass") -> DataSplits:
-    """Samples listed in the data.csv manifest (header path,label[,split])."""
-    multilabel = task == "multilabel"
-    if not data_cfg.csv:
+def from_csv(csv_path: str | None, multilabel: bool, label_sep: str, val_fraction: float, test_fraction: float,
+             split_seed: int) -> DataSplits:
+    """Samples listed in the manifest `csv_path` (header path,label[,split]); without a split column the splits are
+    drawn by `split_seed`. `multilabel`: the label column holds label sets separated by `label_sep`."""
+    if not csv_path:
         raise TransferError("data.csv is not set", "point it at the manifest: data.csv=/path/to/labels.csv")
-    path = Path(os.path.expanduser(str(data_cfg.csv))).resolve()
+    path = Path(os.path.expanduser(str(csv_path))).resolve()
     if not path.is_file():
         raise TransferError(f"data.csv {path} does not exist", "check the path: data.csv=/path/to/labels.csv")
     with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets often write a BOM
@@ -62,14 +63,15 @@ def from_csv(data_cfg: Any, task: str = "multiclass") -> DataSplits:
         )
     if not rows:
         raise TransferError(f"{path} lists no images", "add rows: path,label[,split]")
+    fractions = split_fractions(val_fraction, test_fraction, True)
     if multilabel:
-        return _label_sets(rows, has_split, data_cfg, path)
+        return _label_sets(rows, has_split, label_sep, fractions, int(split_seed), path)
     class_names = sorted({r[1] for r in rows})
     c2i = {c: i for i, c in enumerate(class_names)}
     if not has_split:
         samples = [(p, c2i[lab]) for p, lab, _ in rows]
-        train, val, test = split_samples(samples, split_fractions(data_cfg, True), int(data_cfg.split_seed))
-        return DataSplits(class_names, train, val, test, f"csv {path} (split by split_seed={data_cfg.split_seed})")
+        train, val, test = split_samples(samples, fractions, int(split_seed))
+        return DataSplits(class_names, train, val, test, f"csv {path} (split by split_seed={split_seed})")
     train_labels = {lab for _, lab, s in rows if s == "train"}
     extra = sorted({lab for _, lab, s in rows if s != "train"} - train_labels)
     if extra:
@@ -85,9 +87,10 @@ def from_csv(data_cfg: Any, task: str = "multiclass") -> DataSplits:
     return DataSplits(class_names, by_split["train"], by_split["val"], by_split["test"], f"csv {path}")
 
 
-def _label_sets(rows: List[Tuple[str, str, str]], has_split: bool, data_cfg: Any, path: Path) -> DataSplits:
+def _label_sets(rows: List[Tuple[str, str, str]], has_split: bool, label_sep: str, fractions: List[float],
+                split_seed: int, path: Path) -> DataSplits:
     """task=multilabel: each row's label column as a set of labels; the classes are their union."""
-    sep = str(data_cfg.label_sep)
+    sep = str(label_sep)
     if not sep:
         raise TransferError("data.label_sep is empty", "set the character between labels: data.label_sep=';'")
     sets = [(p, {lab.strip() for lab in text.split(sep)} - {""}, s) for p, text, s in rows]
@@ -113,9 +116,8 @@ def _label_sets(rows: List[Tuple[str, str, str]], has_split: bool, data_cfg: Any
         parts = [by_split[s] for s in SPLITS]
         desc += ")"
     else:
-        fractions = split_fractions(data_cfg, True)
-        parts = split_samples([(p, labels) for p, labels, _ in samples], fractions, int(data_cfg.split_seed), True)
-        desc += f"; split by split_seed={data_cfg.split_seed})"
+        parts = split_samples([(p, labels) for p, labels, _ in samples], fractions, split_seed, True)
+        desc += f"; split by split_seed={split_seed})"
     return DataSplits(class_names, *parts, source_desc=desc, multilabel=True)
 
 

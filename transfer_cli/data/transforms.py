@@ -7,7 +7,7 @@ data.* overrides already applied, so evaluation reproduces the backbone's own Im
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Dict, Mapping, NamedTuple, Tuple
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -83,8 +83,9 @@ def train_transform(data_config: Mapping[str, Any], aug_cfg: Any) -> v2.Compose:
 
 
 def build_transform(data_config: Mapping[str, Any], aug_cfg: Any, train: bool) -> v2.Compose:
-    """PIL RGB image -> normalized float32 tensor (3, H, W); train=True applies the preset `aug_cfg.name`."""
-    name = getattr(aug_cfg, "name", "none") if aug_cfg is not None else "none"
+    """PIL RGB image -> normalized float32 tensor (3, H, W); train=True applies the preset `aug_cfg.name`
+    (aug_cfg: the augmentation group's record; None means no augmentation)."""
+    name = aug_cfg.name if aug_cfg is not None else "none"
     if name not in PRESETS:
         raise TransferError(f"unknown augmentation '{name}'", f"use augmentation={'|'.join(PRESETS)}")
     if not train or name == "none":
@@ -92,4 +93,23 @@ def build_transform(data_config: Mapping[str, Any], aug_cfg: Any, train: bool) -
     return train_transform(data_config, aug_cfg)
 
 
-__all__ = ["build_transform", "eval_transform", "train_transform", "interpolation_mode"]
+class Transforms(NamedTuple):
+    """A run's two pipelines and the tensor shape both produce."""
+
+    train: v2.Compose  # the augmentation preset (the eval pipeline when it is none)
+    eval: v2.Compose
+    image_shape: Tuple[int, int, int]  # (C, H, W)
+    data_config: Dict[str, Any]  # the preprocessing they implement (timm's resolve_data_config format)
+
+    def pick(self, augment: bool) -> v2.Compose:
+        return self.train if augment else self.eval
+
+
+def build_transforms(data_config: Mapping[str, Any], aug_cfg: Any) -> Transforms:
+    shape = tuple(int(v) for v in data_config["input_size"])
+    return Transforms(build_transform(data_config, aug_cfg, True), build_transform(data_config, aug_cfg, False),
+                      shape, dict(data_config))  # type: ignore[arg-type]
+
+
+__all__ = ["build_transform", "build_transforms", "Transforms", "eval_transform", "train_transform",
+           "interpolation_mode"]

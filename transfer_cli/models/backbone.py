@@ -17,8 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import timm
 import timm.data
 import torch
-from timm.models import is_model_pretrained, list_pretrained
-from timm.models._factory import parse_model_name
+from timm.models import is_model_pretrained, list_pretrained, parse_model_name
 
 from transfer_cli.errors import TransferError
 from transfer_cli.models.named_weights import NAMED_WEIGHTS, NamedWeights
@@ -102,15 +101,10 @@ def _hub_offline_if_unreachable() -> Iterator[bool]:
 
 
 def _timm_kwargs(model_cfg: Any) -> Dict[str, Any]:
-    kwargs = model_cfg.timm_kwargs or {}
-    if not isinstance(kwargs, dict):  # an OmegaConf DictConfig: hand timm plain lists and dicts
-        from omegaconf import OmegaConf
-
-        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    kwargs = dict(model_cfg.timm_kwargs or {})
     for key in ("num_classes", "pretrained"):
         if key in kwargs:
             raise TransferError(f"model.timm_kwargs.{key} is set by transfer itself", f"~model.timm_kwargs.{key}")
-    kwargs = dict(kwargs)
     for key in ("drop_rate", "drop_path_rate"):  # model.drop_rate / model.drop_path_rate, when set
         if getattr(model_cfg, key, None) is not None:
             kwargs[key] = float(getattr(model_cfg, key))
@@ -118,7 +112,8 @@ def _timm_kwargs(model_cfg: Any) -> Dict[str, Any]:
 
 
 def create_backbone(model_cfg: Any) -> torch.nn.Module:
-    """A timm model returning pooled features (`.num_features` wide), with the weights `model_cfg` asks for."""
+    """A timm model returning pooled features (`.num_features` wide), with the weights `model_cfg` (the model
+    group's record) asks for."""
     name = model_cfg.backbone
     source = _validate_name(name)
     kwargs = _timm_kwargs(model_cfg)
@@ -262,7 +257,8 @@ def load_weights(model: torch.nn.Module, weights: str) -> None:
 def resolve_data_config(
     backbone: torch.nn.Module, data_cfg: Any = None, named_source: Union[NamedWeights, str, None] = None
 ) -> Dict[str, Any]:
-    """Preprocessing: timm's config for `backbone` < the named weight source's < explicit `data_cfg` values.
+    """Preprocessing: timm's config for `backbone` < the named weight source's < explicit `data_cfg` values
+    (the data group's record: image_size, crop_pct, interpolation, mean, std).
 
     `named_source` may be a NamedWeights, its name, or any `model.weights` value (a file path is ignored).
     """

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from transfer_cli.errors import TransferError
@@ -60,6 +61,13 @@ class CombinedBackbone(nn.Module):
         self.num_features = sum(int(m.num_features) for m in members)
         self.pretrained_cfg = members[0].pretrained_cfg
 
+    def set_member_norms(self, norms: Sequence[Tuple[Sequence[float], Sequence[float]]]) -> None:
+        """Each member's (mean, std). They live in non-persistent buffers, so a checkpoint's state_dict lacks them:
+        a network rebuilt from a checkpoint gets them from its metadata (data_config["member_norms"])."""
+        for i, (mean, std) in enumerate(norms):
+            getattr(self, f"mean{i}").copy_(torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+            getattr(self, f"std{i}").copy_(torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = []
         for i, member in enumerate(self.members):
@@ -75,7 +83,7 @@ class CombinedBackbone(nn.Module):
 
 
 def _one(model_cfg: Any, data_cfg: Any, name: str, weights: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    member_cfg = OmegaConf.merge(model_cfg, {"backbone": name, "weights": weights, "backbones": []})
+    member_cfg = dataclasses.replace(model_cfg, backbone=name, weights=weights, backbones=[])
     backbone = create_backbone(member_cfg)
     named = NAMED_WEIGHTS.get(weights) if weights else None
     data_config = resolve_data_config(backbone, data_cfg, named)
@@ -85,7 +93,8 @@ def _one(model_cfg: Any, data_cfg: Any, name: str, weights: Any) -> Tuple[nn.Mod
 
 
 def build_backbone(model_cfg: Any, data_cfg: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The configured backbone (single, multi-stage or combined) and the data pipeline's preprocessing."""
+    """The configured backbone (single, multi-stage or combined) and the data pipeline's preprocessing, from the
+    model and data groups' records."""
     names = list(model_cfg.backbones or [])
     if not names:
         return _one(model_cfg, data_cfg, model_cfg.backbone, model_cfg.weights)

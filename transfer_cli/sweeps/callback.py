@@ -48,6 +48,15 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def _failure(job_return: JobReturn) -> BaseException:
+    """A failed job's exception: JobReturn.return_value re-raises it, which is how Hydra hands it out."""
+    try:
+        job_return.return_value
+    except BaseException as err:  # noqa: BLE001 - whatever the job raised
+        return err
+    return RuntimeError("the job failed without an exception")
+
+
 class SweepRecorder(Callback):
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
@@ -88,8 +97,7 @@ class SweepRecorder(Callback):
                            wall_time_s=None if started is None else round(time.time() - started, 1),
                            run_dir=str(run_dir), extra=outcome["extra"])
         if job_return.status == JobStatus.FAILED:
-            # JobReturn.return_value re-raises; the exception itself is in the private field.
-            err = job_return._return_value
+            err = _failure(job_return)
             record.status, record.error = "failed", describe_error(err)
             if not isinstance(err, TransferError):  # a bug, not a config mistake: keep its traceback in the log
                 log.error("job %s failed", job, exc_info=err)

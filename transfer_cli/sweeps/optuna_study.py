@@ -49,8 +49,4 @@ def trials_left(sweeper_cfg: Any) -> int:
 def _mark_failed(study: Any, trial: Any) -> None:
     from optuna.trial import TrialState
 
-    storage = study._storage  # optuna has no public call to close a trial that another process left running
-    if hasattr(storage, "set_trial_state_values"):  # optuna >= 3
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    else:
-        storage.set_trial_state(trial._trial_id, TrialState.FAIL)
+    study.tell(trial.number, state=TrialState.FAIL)  # closes a trial another process left running

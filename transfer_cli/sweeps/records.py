@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from transfer_cli.atomic import atomic_write_json
+
 RECORD_NAME = "job.json"
 
 
@@ -71,11 +73,7 @@ def run_outcome(run_dir: Path, monitor: str, mode: str) -> dict[str, Any]:
 
 
 def write_record(record: JobRecord) -> Path:
-    path = Path(record.run_dir) / RECORD_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    tmp.replace(path)  # a reader never sees half a record
-    return path
+    return atomic_write_json(Path(record.run_dir) / RECORD_NAME, asdict(record))  # never half a record
 
 
 def _read_overrides(job_dir: Path) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Set
 import torch
 from torch import nn
 
+from transfer_cli.atomic import atomic_write_json
 from transfer_cli.errors import TransferError
 
 _MAX_LISTED = 8
@@ -113,5 +114,4 @@ def write_audit(path: Path, entry: Dict[str, Any]) -> None:
         except (ValueError, KeyError, TypeError):
             history = []
     history.append(entry)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"checks": history}, indent=2) + "\n")
+    atomic_write_json(path, {"checks": history})

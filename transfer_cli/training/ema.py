@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -18,18 +19,14 @@ RAW_WEIGHTS_KEY = "current_model_state"  # Lightning's name for the raw weights 
 
 
 class EMA(EMAWeightAveraging):
-    """EMAWeightAveraging with two changes for how `transfer` runs: the average lives on the training device,
-    and testing a checkpoint tests its EMA weights."""
+    """EMAWeightAveraging whose testing of a checkpoint tests its EMA weights.
 
-    def __init__(self, decay: float):
-        super().__init__(decay=decay)
+    `device`: where the average lives, the training device (Lightning builds the average before the model moves
+    to the accelerator, so by default it would stay on the CPU and every update would copy the weights across).
+    """
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning builds the average before the model moves to the accelerator; by default it would stay on the
-        # CPU and every update would copy the weights across.
-        if self._device is None:
-            self._device = trainer.strategy.root_device
-        super().setup(trainer, pl_module, stage)
+    def __init__(self, decay: float, device: torch.device | str | None = None):
+        super().__init__(device=device, decay=decay)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

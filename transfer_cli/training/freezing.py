@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Set
+from typing import Any, Callable, Dict, List, Set
 
 from torch import nn
 
@@ -92,17 +92,30 @@ def permanently_frozen(transfer_cfg: Any, stages: List[Stage]) -> Set[str]:
     return frozen
 
 
+def _nothing(transfer_cfg: Any, stages: List[Stage], epoch: int) -> Set[str]:
+    return set()
+
+
+def _every_stage(transfer_cfg: Any, stages: List[Stage], epoch: int) -> Set[str]:
+    return {s.name for s in stages}  # less permanently_frozen: partial's frozen stages, any mode's freeze regexes
+
+
+def _milestones_reached(transfer_cfg: Any, stages: List[Stage], epoch: int) -> Set[str]:
+    return {n for m in milestones(transfer_cfg, stages) if m.epoch <= epoch for n in m.stages}
+
+
+# transfer=<mode>: the stages (by name) thawed in an epoch, before the permanent freezes are taken out
+MODES: Dict[str, Callable[[Any, List[Stage], int], Set[str]]] = {
+    "feature_extract": _nothing,
+    "fine_tune": _every_stage,
+    "partial": _every_stage,
+    "gradual_unfreeze": _milestones_reached,
+}
+
+
 def trainable_params(transfer_cfg: Any, stages: List[Stage], epoch: int) -> Set[str]:
     """Names of the backbone parameters that train in `epoch` (the head always trains)."""
-    mode = transfer_cfg.mode
-    if mode == "gradual_unfreeze":
-        thawed = {n for m in milestones(transfer_cfg, stages) if m.epoch <= epoch for n in m.stages}
-    elif mode in ("fine_tune", "partial"):
-        thawed = {s.name for s in stages}
-    elif mode == "feature_extract":
-        thawed = set()
-    else:
-        raise TransferError(f"unknown transfer.mode '{mode}'", "transfer=feature_extract|fine_tune|partial|gradual_unfreeze")
+    thawed = MODES[transfer_cfg.mode](transfer_cfg, stages, epoch)
     candidates = {p for s in stages if s.name in thawed for p in s.params}
     return candidates - permanently_frozen(transfer_cfg, stages)
 
@@ -120,6 +133,32 @@ def stage_lr_scales(transfer_cfg: Any, stages: List[Stage]) -> Dict[str, float]:
         for name in m.stages:
             scales[name] *= m.lr_scale
     return scales
+
+
+class FreezePlan:
+    """A run's transfer mode over its backbone's stages: what trains in each epoch, and at which LR scale.
+
+    Everything here is a function of (epoch, transfer config, stages); `apply` sets it on the network.
+    """
+
+    def __init__(self, transfer_cfg: Any, stages: List[Stage]):
+        self.transfer = transfer_cfg
+        self.stages = stages
+        permanently_frozen(transfer_cfg, stages)  # a freeze regex matching nothing fails now, not at fit start
+        milestones(transfer_cfg, stages)  # likewise a malformed transfer.unfreeze
+
+    def trainable(self, epoch: int) -> Set[str]:
+        return trainable_params(self.transfer, self.stages, epoch)
+
+    def ever_trainable(self) -> Set[str]:
+        """Every parameter that trains in some epoch: the optimizer's groups hold these from the start."""
+        return self.trainable(FOREVER)
+
+    def lr_scales(self) -> Dict[str, float]:
+        return stage_lr_scales(self.transfer, self.stages)
+
+    def apply(self, model: nn.Module, epoch: int) -> Set[str]:
+        return apply_freeze(model, self.transfer, epoch)
 
 
 def apply_freeze(model: nn.Module, transfer_cfg: Any, epoch: int) -> Set[str]:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-
-from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
 
@@ -41,32 +38,28 @@ def _cross_entropy(weight: Optional[torch.Tensor], label_smoothing: float) -> Cr
     return cross_entropy
 
 
-def _binary_cross_entropy(cfg: Any) -> Criterion:
+def multilabel_conflicts(class_weights: str, label_smoothing: float, mixing: bool) -> list[str]:
+    """Options defined over one class per image, which task=multilabel cannot honour (yet)."""
+    return [name for name, on in (("data.class_weights", class_weights != "none"),
+                                  ("augmentation.label_smoothing", float(label_smoothing) > 0),
+                                  ("augmentation mixup/cutmix", mixing)) if on]
+
+
+def _binary_cross_entropy(weight: Optional[torch.Tensor], label_smoothing: float) -> Criterion:
     """task=multilabel: an independent yes/no per label, on (N, C) float multi-hot targets."""
-    aug = cfg.augmentation
-    mixing = float(aug.mix_prob) > 0 and (float(aug.mixup_alpha) > 0 or float(aug.cutmix_alpha) > 0)
-    unsupported = [name for name, on in (("data.class_weights", cfg.data.class_weights != "none"),
-                                         ("augmentation.label_smoothing", float(aug.label_smoothing) > 0),
-                                         ("augmentation mixup/cutmix", mixing)) if on]
-    if unsupported:  # each is defined over one class per image here
-        raise TransferError(
-            f"task=multilabel does not support {', '.join(unsupported)} yet",
-            "drop them: data.class_weights=none augmentation.label_smoothing=0 augmentation.mixup_alpha=0 "
-            "augmentation.cutmix_alpha=0",
-        )
     return F.binary_cross_entropy_with_logits
 
 
-def build_criterion(cfg: Any, num_classes: int, class_counts: Optional[Sequence[int]] = None) -> Criterion:
+# task=<name>: the loss of (logits, targets), given class weights (None: unweighted) and the label smoothing
+CRITERIA: dict[str, Callable[[Optional[torch.Tensor], float], Criterion]] = {
+    "multiclass": _cross_entropy,
+    "multilabel": _binary_cross_entropy,
+}
+
+
+def build_criterion(task: str, weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0) -> Criterion:
     """(logits, target) -> loss for the run's task; targets are class indices or (N, C) probabilities."""
-    task = OmegaConf.select(cfg, "task", default="multiclass")
-    setting = OmegaConf.select(cfg, "data.class_weights", default="none")
-    smoothing = float(OmegaConf.select(cfg, "augmentation.label_smoothing", default=0.0))
-    if task == "multiclass":
-        return _cross_entropy(class_weights(setting, class_counts, num_classes), smoothing)
-    if task == "multilabel":
-        return _binary_cross_entropy(cfg)
-    raise TransferError(f"no loss for task={task}", "use task=multiclass or task=multilabel")
+    return CRITERIA[task](weight, label_smoothing)
 
 
-__all__ = ["Criterion", "build_criterion", "class_weights"]
+__all__ = ["Criterion", "CRITERIA", "build_criterion", "class_weights", "multilabel_conflicts"]

@@ -24,8 +24,8 @@ from transfer_cli.errors import TransferError
 STAGES = ("train", "val", "test")
 
 
-def multilabel_threshold(cfg: Any) -> float:
-    threshold = float(cfg.multilabel_threshold)
+def check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
     if not 0.0 < threshold < 1.0:
         raise TransferError(
             f"multilabel_threshold={threshold} is not a probability strictly between 0 and 1",
@@ -77,11 +77,12 @@ class LabelSetMetrics(MetricCollection):
         super().update(*self._prepare(logits, target))
 
 
-def stage_metrics(cfg: Any, num_classes: int, stage: str) -> MetricCollection:
-    if cfg.task != "multilabel":
-        metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")}
-        return MetricCollection(metrics, prefix=f"{stage}/")
-    threshold = multilabel_threshold(cfg)
+def _class_metrics(num_classes: int, stage: str, threshold: float) -> MetricCollection:
+    return MetricCollection({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")}, prefix=f"{stage}/")
+
+
+def _label_metrics(num_classes: int, stage: str, threshold: float) -> MetricCollection:
+    threshold = check_threshold(threshold)
     # zero_division=1: a label that is neither present nor predicted was handled perfectly, not failed.
     f1 = {"num_labels": num_classes, "threshold": threshold, "zero_division": 1.0}
     label_metrics: dict[str, Any] = {
@@ -95,6 +96,14 @@ def stage_metrics(cfg: Any, num_classes: int, stage: str) -> MetricCollection:
     return LabelSetMetrics(label_metrics, prefix=f"{stage}/")
 
 
-def build_metrics(cfg: Any, num_classes: int) -> nn.ModuleDict:
+# task=<name>: the metrics of one stage, given the class count and the multi-label threshold
+TASK_METRICS = {"multiclass": _class_metrics, "multilabel": _label_metrics}
+
+
+def stage_metrics(task: str, num_classes: int, stage: str, threshold: float = 0.5) -> MetricCollection:
+    return TASK_METRICS[task](num_classes, stage, threshold)
+
+
+def build_metrics(task: str, num_classes: int, threshold: float = 0.5) -> nn.ModuleDict:
     # ModuleDict keys cannot be "train" (it would shadow nn.Module.train), hence the suffix.
-    return nn.ModuleDict({f"{stage}_metrics": stage_metrics(cfg, num_classes, stage) for stage in STAGES})
+    return nn.ModuleDict({f"{stage}_metrics": stage_metrics(task, num_classes, stage, threshold) for stage in STAGES})

@@ -1,16 +1,25 @@
-"""The optimizer, by name, from timm's factory over the transfer mode's parameter groups."""
+"""The optimizer, by name, from timm's factory over the transfer mode's parameter groups.
+
+`opt_cfg` is the optimizer group's record (config/schema.py OptimizerConfig).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
 
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, close_matches
 
-# Our names for timm's: SGD is one config with a nesterov switch, timm spells the two variants differently.
-_SGD = {True: "nesterov", False: "momentum"}
+# optimizer=<name>: timm's name for it. SGD is one config with a nesterov switch; timm spells the variants apart.
+OPTIMIZERS: dict[str, Callable[[Any], str]] = {
+    "sgd": lambda cfg: "nesterov" if cfg.nesterov else "momentum",
+    "adamw": lambda cfg: "adamw",
+    "adam": lambda cfg: "adam",
+    "rmsprop": lambda cfg: "rmsprop",
+    "lamb": lambda cfg: "lamb",
+    "lion": lambda cfg: "lion",
+}
 
 
 def timm_optimizer_name(opt_cfg: Any) -> str:
@@ -21,8 +30,6 @@ def timm_optimizer_name(opt_cfg: Any) -> str:
         name = str(opt_cfg.timm_opt).lower()
         known = list_optimizers()
         if name not in known:
-            from transfer_cli.config.compose import close_matches
-
             matches = close_matches(name, known)
             hint = f"did you mean {' or '.join(matches)}? " if matches else ""
             raise TransferError(
@@ -30,9 +37,7 @@ def timm_optimizer_name(opt_cfg: Any) -> str:
                 f"{hint}any name of timm.optim.list_optimizers(), or optimizer.timm_opt=null with optimizer.name",
             )
         return name
-    if opt_cfg.name == "sgd":
-        return _SGD[bool(opt_cfg.nesterov)]
-    return str(opt_cfg.name)
+    return OPTIMIZERS[opt_cfg.name](opt_cfg)
 
 
 def optimizer_kwargs(name: str, opt_cfg: Any) -> dict[str, Any]:
@@ -47,10 +52,7 @@ def optimizer_kwargs(name: str, opt_cfg: Any) -> dict[str, Any]:
         kwargs["betas"] = tuple(opt_cfg.betas)
     if info.has_eps:
         kwargs["eps"] = opt_cfg.eps
-    extra = opt_cfg.kwargs or {}
-    if not isinstance(extra, dict):
-        extra = OmegaConf.to_container(extra, resolve=True)
-    kwargs.update(extra)
+    kwargs.update(opt_cfg.kwargs or {})
     return kwargs
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from transfer_cli.models.classifier import Classifier
-from transfer_cli.training.freezing import FOREVER, stage_lr_scales, trainable_params
+from transfer_cli.training.freezing import FreezePlan
 
 
 def _no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
@@ -15,8 +13,8 @@ def _no_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or name in skip
 
 
-def param_groups(model: Classifier, transfer_cfg: Any, opt_cfg: Any) -> list[dict]:
-    """One group per (stage, decay or not) plus the head's, each with lr = optimizer.lr x lr_scale.
+def param_groups(model: Classifier, plan: FreezePlan, lr: float, weight_decay: float) -> list[dict]:
+    """One group per (stage, decay or not) plus the head's, each with lr = `lr` x its stage's scale.
 
     Built once for the whole run: every stage that trains in *any* epoch (gradual unfreezing included) has its
     group from the start, and a stage frozen for now simply has no gradients, so the optimizer (and a resumed
@@ -24,8 +22,8 @@ def param_groups(model: Classifier, transfer_cfg: Any, opt_cfg: Any) -> list[dic
     groups so the audit, the LR monitor and the tests can read them back.
     """
     stages = model.stages
-    ever = trainable_params(transfer_cfg, stages, FOREVER)
-    scales = stage_lr_scales(transfer_cfg, stages)
+    ever = plan.ever_trainable()
+    scales = plan.lr_scales()
     named = dict(model.backbone.named_parameters())
     skip = set(getattr(model.backbone, "no_weight_decay", lambda: set())())
     parts = [(f"backbone.{s.name}", [(n, named[n]) for n in s.params if n in ever], scales[s.name], skip)
@@ -35,8 +33,8 @@ def param_groups(model: Classifier, transfer_cfg: Any, opt_cfg: Any) -> list[dic
     for part, params, scale, no_wd in parts:
         decay = [p for n, p in params if not _no_decay(n, p, no_wd)]
         no_decay = [p for n, p in params if _no_decay(n, p, no_wd)]
-        for suffix, chosen, wd in (("decay", decay, opt_cfg.weight_decay), ("no_decay", no_decay, 0.0)):
+        for suffix, chosen, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
             if chosen:
-                groups.append({"name": f"{part}/{suffix}", "params": chosen, "lr": opt_cfg.lr * scale,
+                groups.append({"name": f"{part}/{suffix}", "params": chosen, "lr": lr * scale,
                                "lr_scale": scale, "weight_decay": wd})
     return groups

@@ -1,5 +1,7 @@
 """The LR schedule as a pure function of the optimizer step, so a resumed or extended run follows the config.
 
+`sched_cfg` below is the scheduler group's record (config/schema.py SchedulerConfig).
+
 Every schedule but one is `lr_factor(step, ...)`, the multiplier of each group's base LR, applied by a LambdaLR
 stepped once per optimizer step (after gradient accumulation). `plateau` is the exception: its decays depend on
 the monitored metric's history, which no step counter knows. It is torch's ReduceLROnPlateau, stepped at the end
@@ -12,24 +14,26 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from transfer_cli.errors import TransferError
 
 ALIASES = {"none": "constant"}  # older configs said scheduler.name=none
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunLength:
-    """The run's length in optimizer steps: what the closed forms need besides the config."""
+    """The run's length in optimizer steps: what the closed forms need besides the config.
 
-    steps_per_epoch: float
-    total_steps: int
+    An LRSchedule's schedulers are built (in configure_optimizers) before the fit knows this, and read it at each
+    step, so it is filled in at train start. Until then it is a one-step run, which nothing trains on.
+    """
+
+    steps_per_epoch: float = 1.0
+    total_steps: int = 1
 
 
 def run_length(trainer: Any) -> RunLength:
@@ -74,22 +78,47 @@ def _onecycle(step: int, sched_cfg: Any, total_steps: int) -> float:
     return _cos_between(1.0, end, (step - peak_step) / span if span > 0 else 1.0)
 
 
+def _cosine(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int, warmup: float) -> float:
+    progress = (step - warmup) / max(1.0, total_steps - warmup)
+    return _cos_between(1.0, sched_cfg.min_lr_factor, progress)
+
+
+def _epoch(step: int, steps_per_epoch: float) -> int:
+    return int(step // steps_per_epoch) if steps_per_epoch > 0 else 0
+
+
+def _step(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int, warmup: float) -> float:
+    return sched_cfg.gamma ** (_epoch(step, steps_per_epoch) // max(1, sched_cfg.step_epochs))
+
+
+def _multistep(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int, warmup: float) -> float:
+    return sched_cfg.gamma ** bisect.bisect_right(sorted(sched_cfg.milestones), _epoch(step, steps_per_epoch))
+
+
+def _exponential(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int, warmup: float) -> float:
+    return sched_cfg.gamma ** _epoch(step, steps_per_epoch)
+
+
+def _constant(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int, warmup: float) -> float:
+    return 1.0  # plateau too: its decays are applied by ReduceLROnPlateau on top of this
+
+
+# scheduler=<name>: the LR factor after the warmup, a function of (step, config, run length, warmup steps)
+SCHEDULES: dict[str, Callable[[int, Any, float, int, float], float]] = {
+    "cosine": _cosine,
+    "onecycle": lambda step, cfg, spe, total, warmup: _onecycle(step, cfg, total),
+    "step": _step,
+    "multistep": _multistep,
+    "exponential": _exponential,
+    "plateau": _constant,
+    "constant": _constant,
+}
+
+
 def decay_factor(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int, warmup: float) -> float:
     """The schedule after the warmup (`step` counts from the start of the run)."""
     name = ALIASES.get(sched_cfg.name, sched_cfg.name)
-    if name == "cosine":
-        progress = (step - warmup) / max(1.0, total_steps - warmup)
-        return _cos_between(1.0, sched_cfg.min_lr_factor, progress)
-    if name == "onecycle":
-        return _onecycle(step, sched_cfg, total_steps)
-    epoch = int(step // steps_per_epoch) if steps_per_epoch > 0 else 0
-    if name == "step":
-        return sched_cfg.gamma ** (epoch // max(1, sched_cfg.step_epochs))
-    if name == "multistep":
-        return sched_cfg.gamma ** bisect.bisect_right(sorted(sched_cfg.milestones), epoch)
-    if name == "exponential":
-        return sched_cfg.gamma**epoch
-    return 1.0  # constant; plateau's decays are applied by ReduceLROnPlateau on top of this
+    return SCHEDULES[name](step, sched_cfg, steps_per_epoch, total_steps, warmup)
 
 
 def lr_factor(step: int, sched_cfg: Any, steps_per_epoch: float, total_steps: int) -> float:
@@ -110,15 +139,22 @@ class WarmupThenHold(LambdaLR):
     A plain LambdaLR would reset every group to base LR x 1 at each step after the warmup, undoing the decays.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, sched_cfg: Any, steps_per_epoch: float):
-        self.warmup = warmup_steps(sched_cfg, steps_per_epoch)
+    def __init__(self, optimizer: torch.optim.Optimizer, sched_cfg: Any, run: RunLength):
+        self.sched_cfg, self.run = sched_cfg, run
         start = float(sched_cfg.warmup_start_factor)
-        warmup = self.warmup
 
         def factor(step: int) -> float:  # a plain function: LambdaLR pickles nothing of it into checkpoints
+            warmup = self.warmup
             return start + (1.0 - start) * step / warmup if step < warmup else 1.0
 
         super().__init__(optimizer, factor)
+
+    @property
+    def warmup(self) -> float:
+        return warmup_steps(self.sched_cfg, self.run.steps_per_epoch)
+
+    def state_dict(self) -> dict:  # plain data only: the config and run length come from the run, not the file
+        return {k: v for k, v in super().state_dict().items() if k not in ("sched_cfg", "run")}
 
     def get_lr(self) -> list[float]:
         # From the first whole step at or past the warmup the factor is 1; after that one, hold.
@@ -148,49 +184,100 @@ class PlateauAfterWarmup(ReduceLROnPlateau):
         return {k: v for k, v in super().state_dict().items() if k != "warmup"}
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, sched_cfg: Any, steps_per_epoch: float, total_steps: int
-) -> LambdaLR:
-    """The step-wise schedule of every name but plateau (see build_plateau)."""
-    warmup_steps(sched_cfg, steps_per_epoch)  # fail now on a contradictory warmup, not at the first step
+def check_warmup(sched_cfg: Any) -> None:
+    """Fail on a contradictory warmup when the run is assembled, not at its first step."""
+    warmup_steps(sched_cfg, 1.0)
     if sched_cfg.name == "onecycle" and (sched_cfg.warmup_epochs or sched_cfg.warmup_steps):
         raise TransferError(
             "scheduler=onecycle has its own warmup (scheduler.pct_start of the run)",
             "scheduler.warmup_epochs=0 scheduler.warmup_steps=0, and set scheduler.pct_start",
         )
 
-    # LambdaLR asks once per param group (a dozen with per-stage groups) at every step: read the config as a
-    # plain namespace and compute each step once, instead of ~70 OmegaConf lookups per step.
-    plain = SimpleNamespace(**OmegaConf.to_container(sched_cfg, resolve=True)) if OmegaConf.is_config(sched_cfg) \
-        else sched_cfg
-    last: dict[int, float] = {}
+
+def step_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Any, run: RunLength) -> LambdaLR:
+    """The step-wise schedule of every name but plateau (see plateau_schedulers), over `run`."""
+    check_warmup(sched_cfg)
+    last: dict[tuple, float] = {}
 
     def factor(step: int) -> float:  # a plain function: LambdaLR pickles nothing of it into checkpoints
-        if step not in last:
+        # LambdaLR asks once per param group (a dozen with per-stage groups) at every step: compute it once.
+        key = (step, run.steps_per_epoch, run.total_steps)
+        if key not in last:
             last.clear()
-            last[step] = lr_factor(step, plain, steps_per_epoch, total_steps)
-        return last[step]
+            last[key] = lr_factor(step, sched_cfg, run.steps_per_epoch, run.total_steps)
+        return last[key]
 
     return LambdaLR(optimizer, factor)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, sched_cfg: Any, steps_per_epoch: float, total_steps: int
+) -> LambdaLR:
+    """step_scheduler over a run of known length."""
+    return step_scheduler(optimizer, sched_cfg, RunLength(steps_per_epoch, total_steps))
+
+
+def plateau_schedulers(
+    optimizer: torch.optim.Optimizer, sched_cfg: Any, run: RunLength, mode: str
+) -> tuple[WarmupThenHold, PlateauAfterWarmup]:
+    warmup = WarmupThenHold(optimizer, sched_cfg, run)
+    return warmup, PlateauAfterWarmup(optimizer, warmup, sched_cfg, mode)
 
 
 def build_plateau(
     optimizer: torch.optim.Optimizer, sched_cfg: Any, steps_per_epoch: float, mode: str
 ) -> tuple[WarmupThenHold, PlateauAfterWarmup]:
-    warmup = WarmupThenHold(optimizer, sched_cfg, steps_per_epoch)
-    return warmup, PlateauAfterWarmup(optimizer, warmup, sched_cfg, mode)
+    """plateau_schedulers over a run of known length."""
+    return plateau_schedulers(optimizer, sched_cfg, RunLength(steps_per_epoch, 0), mode)
 
 
-def lightning_schedulers(
-    optimizer: torch.optim.Optimizer, sched_cfg: Any, run: RunLength, monitor: str, mode: str, strict: bool = True
-) -> list[dict[str, Any]]:
-    """Lightning's scheduler configs: the LambdaLR per step, or for plateau the warmup per step and
-    ReduceLROnPlateau per epoch on `monitor` (`strict`: a missing metric is an error, not a skipped epoch)."""
-    if sched_cfg.name != "plateau":
-        scheduler: LRScheduler = build_scheduler(optimizer, sched_cfg, run.steps_per_epoch, run.total_steps)
-        return [{"scheduler": scheduler, "interval": "step"}]
-    warmup, plateau = build_plateau(optimizer, sched_cfg, run.steps_per_epoch, sched_cfg.get("mode") or mode)
-    return [
-        {"scheduler": warmup, "interval": "step"},
-        {"scheduler": plateau, "interval": "epoch", "monitor": sched_cfg.monitor or monitor, "strict": strict},
-    ]
+def follow_schedule(trainer: Any) -> None:
+    """Set each group's LR from the schedule function at the current step, for the config and run length as
+    they are now.
+
+    The optimizer state of a restored run carries the LR it had when saved, and a restored LambdaLR only
+    recomputes it at its next step: without this, the first batch after extending trainer.max_epochs would still
+    use the old horizon's LR. In an exact resume the value is the same one, bit for bit (the same expression as
+    LambdaLR.get_lr).
+    """
+    for config in trainer.lr_scheduler_configs:
+        sched = config.scheduler
+        if type(sched) is not LambdaLR:  # plateau's warmup-then-hold keeps the LRs ReduceLROnPlateau set
+            continue
+        values = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for group, lr in zip(sched.optimizer.param_groups, values):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(float(lr))
+            else:
+                group["lr"] = lr
+
+
+class LRSchedule:
+    """scheduler=<name> for one run: Lightning's scheduler configs, with a length set once the fit knows it.
+
+    `monitor`/`mode`: plateau's metric when the scheduler record names none (callbacks.monitor/mode).
+    """
+
+    def __init__(self, sched_cfg: Any, monitor: str, mode: str):
+        check_warmup(sched_cfg)
+        self.sched_cfg = sched_cfg
+        self.monitor = sched_cfg.monitor or monitor
+        self.mode = sched_cfg.mode or mode
+        self.run = RunLength()
+
+    def configs(self, optimizer: torch.optim.Optimizer, strict: bool = True) -> list[dict[str, Any]]:
+        """The LambdaLR per step, or for plateau the warmup per step and ReduceLROnPlateau per epoch on the
+        monitored metric (`strict`: a missing metric is an error, not a skipped epoch)."""
+        if self.sched_cfg.name != "plateau":
+            return [{"scheduler": step_scheduler(optimizer, self.sched_cfg, self.run), "interval": "step"}]
+        warmup, plateau = plateau_schedulers(optimizer, self.sched_cfg, self.run, self.mode)
+        return [
+            {"scheduler": warmup, "interval": "step"},
+            {"scheduler": plateau, "interval": "epoch", "monitor": self.monitor, "strict": strict},
+        ]
+
+    def start(self, trainer: Any) -> None:
+        """At train start (after a resume restored the step): the run's length, and the LR of the current step."""
+        length = run_length(trainer)
+        self.run.steps_per_epoch, self.run.total_steps = length.steps_per_epoch, length.total_steps
+        follow_schedule(trainer)

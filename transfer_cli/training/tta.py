@@ -2,40 +2,70 @@
 
 The views are made from the already preprocessed batch (resized, centre-cropped, normalized), so TTA needs no
 change to the data pipeline: `hflip` adds the mirror image; `flips` the horizontal, vertical and double flips
-(for images without an up or down: solar cells, microscopy, aerial views); `multicrop` adds the four corner crops and the centre
-crop of side eval.multicrop_fraction, each resized back to the input size.
+(for images without an up or down: solar cells, microscopy, aerial views); `multicrop` adds the four corner
+crops and the centre crop of side eval.multicrop_fraction, each resized back to the input size.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-MODES = ("none", "hflip", "flips", "multicrop")
+Views = Callable[[torch.Tensor, float], list]
+
+
+def _flips(images: torch.Tensor, fraction: float) -> list:
+    vflip = TF.vertical_flip(images)
+    return [images, TF.horizontal_flip(images), vflip, TF.horizontal_flip(vflip)]
+
+
+def _multicrop(images: torch.Tensor, fraction: float) -> list:
+    height, width = images.shape[-2:]
+    crop = [max(1, round(height * fraction)), max(1, round(width * fraction))]
+    crops = TF.five_crop(images, crop)  # top-left, top-right, bottom-left, bottom-right, centre
+    return [images, *(TF.resize(c, [height, width], antialias=True) for c in crops)]
+
+
+# eval.tta=<mode>: the batch as the model should see it, the unchanged batch first
+VIEWS: dict[str, Views] = {
+    "none": lambda images, fraction: [images],
+    "hflip": lambda images, fraction: [images, TF.horizontal_flip(images)],
+    "flips": _flips,
+    "multicrop": _multicrop,
+}
 
 
 def tta_views(images: torch.Tensor, mode: str, multicrop_fraction: float = 0.875) -> list[torch.Tensor]:
-    """The batch as the model should see it under `mode`, the unchanged batch first."""
-    if mode == "none":
-        return [images]
-    if mode == "hflip":
-        return [images, TF.horizontal_flip(images)]
-    if mode == "flips":
-        vflip = TF.vertical_flip(images)
-        return [images, TF.horizontal_flip(images), vflip, TF.horizontal_flip(vflip)]
-    if mode == "multicrop":
-        height, width = images.shape[-2:]
-        crop = [max(1, round(height * multicrop_fraction)), max(1, round(width * multicrop_fraction))]
-        crops = TF.five_crop(images, crop)  # top-left, top-right, bottom-left, bottom-right, centre
-        return [images, *(TF.resize(c, [height, width], antialias=True) for c in crops)]
-    raise ValueError(f"eval.tta must be one of {MODES}, got {mode!r}")
+    if mode not in VIEWS:
+        raise ValueError(f"eval.tta must be one of {tuple(VIEWS)}, got {mode!r}")
+    return VIEWS[mode](images, multicrop_fraction)
 
 
-def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, eval_cfg: Any) -> torch.Tensor:
+def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str,
+               multicrop_fraction: float = 0.875) -> torch.Tensor:
     """The mean of forward(view) over the views; one view at a time, so memory stays that of one batch."""
-    views = tta_views(images, eval_cfg.tta, eval_cfg.multicrop_fraction)
+    views = tta_views(images, mode, multicrop_fraction)
     if len(views) == 1:
         return forward(images)
     return torch.stack([forward(view) for view in views]).mean(dim=0)
+
+
+def tta_forward(model: Callable[[torch.Tensor], torch.Tensor], mode: str,
+                multicrop_fraction: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` as evaluation runs it: plain, or averaged over the views of `mode`."""
+    if mode == "none":
+        return model
+    return partial(tta_logits, model, mode=mode, multicrop_fraction=multicrop_fraction)
+
+
+def tta_for(mode: str, multicrop_fraction: float) -> Optional[Callable]:
+    """What TransferModule takes: None for no TTA, else (forward, images) -> averaged logits."""
+    if mode == "none":
+        return None
+    return partial(tta_logits, mode=mode, multicrop_fraction=multicrop_fraction)
+
+
+__all__ = ["VIEWS", "tta_views", "tta_logits", "tta_forward", "tta_for"]

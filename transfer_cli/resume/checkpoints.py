@@ -14,9 +14,13 @@ from typing import Any
 
 from transfer_cli.errors import TransferError
 
-CHECKPOINT_DIR = "checkpoints"  # as training/trainer.py; repeated so this module stays free of Lightning
+CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/{best,last}.ckpt
 CHECKPOINT_KEY = "transfer"  # our block inside every checkpoint (TransferModule.on_save_checkpoint)
 log = logging.getLogger("transfer_cli")
+
+# The last checkpoint read, by (path, size, mtime): a command reads its checkpoint once, however many parts of it
+# look at the checkpoint (the resume plan, the fingerprint check, the metrics log, Lightning's own restore).
+_LAST_READ: dict[tuple, dict[str, Any]] = {}
 
 
 def is_whole(path: Path) -> bool:
@@ -68,11 +72,23 @@ def resolve_checkpoint(ref: str | Path, prefer: str = "best") -> Path:
                         f"pass a run dir whose training saved a checkpoint, e.g. ls {path.parent}")
 
 
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint as plain data (weights_only=True: no code runs while loading), on the CPU."""
+    """The checkpoint as plain data (weights_only=True: no code runs while loading), on the CPU; read from disk
+    once per command (see _LAST_READ). Callers must not modify it."""
     import torch
 
     path = Path(path)
+    identity = _identity(path)
+    if identity is not None and identity in _LAST_READ:
+        return _LAST_READ[identity]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -83,7 +99,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                             "or the run dir to pick the newest readable one")
     if not isinstance(ckpt, dict):
         raise TransferError(f"{path} is not a Lightning checkpoint", "pass a .ckpt written by `transfer train`")
+    _LAST_READ.clear()
+    if identity is not None:
+        _LAST_READ[identity] = ckpt
     return ckpt
+
+
+def forget_checkpoint() -> None:
+    """Drop the remembered checkpoint (its tensors are large) once nothing else in this command reads it."""
+    _LAST_READ.clear()
+
+
+def checkpoint_step(path: str | Path | None) -> int | None:
+    """The checkpoint's optimizer step (for pruning metrics.csv and TensorBoard's purge_step); None: no resume."""
+    if not path:
+        return None
+    return int(read_checkpoint(path).get("global_step", 0))
 
 
 def checkpoint_meta(ckpt: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, Any]:
@@ -102,5 +133,5 @@ def checkpoint_config(ckpt: dict[str, Any]) -> Any:
     return OmegaConf.create(checkpoint_meta(ckpt)["config"])
 
 
-__all__ = ["resolve_checkpoint", "read_checkpoint", "checkpoint_config", "checkpoint_meta", "checkpoints_in",
-           "run_dir_of", "is_whole", "CHECKPOINT_DIR", "CHECKPOINT_KEY"]
+__all__ = ["resolve_checkpoint", "read_checkpoint", "forget_checkpoint", "checkpoint_step", "checkpoint_config",
+           "checkpoint_meta", "checkpoints_in", "run_dir_of", "is_whole", "CHECKPOINT_DIR", "CHECKPOINT_KEY"]

@@ -8,7 +8,6 @@ layer_decay the suggestion is the head's LR (optimizer.lr), and the backbone kee
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transfer_cli.atomic import atomic_write_json
+from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_FLOAT, POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
@@ -34,23 +35,19 @@ class FinderOptions:
     num_training: int = 100
 
 
-_PARSE = {"output": str, "min_lr": float, "max_lr": float, "num_training": int}
+OPTIONS = {
+    "output": Option(str, None, help="the folder for lr_find.png and lr_find.json", example="lr_find_out"),
+    "min_lr": Option(POSITIVE_FLOAT, FinderOptions.min_lr, help="a positive learning rate"),
+    "max_lr": Option(POSITIVE_FLOAT, FinderOptions.max_lr, help="a positive learning rate"),
+    "num_training": Option(POSITIVE_INT, FinderOptions.num_training, help="a number of steps"),
+}
 
 
 def split_options(args: list[str]) -> tuple[FinderOptions, list[str]]:
     """(the finder's own key=value options, the config overrides)."""
-    options = FinderOptions()
-    overrides = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in _PARSE:
-            try:
-                setattr(options, key, _PARSE[key](value))
-            except ValueError:
-                raise TransferError(f"{arg}: {key} takes a number", f"e.g. {key}={getattr(FinderOptions(), key)}")
-        else:
-            overrides.append(arg)
-    if not 0 < options.min_lr < options.max_lr:
+    values, overrides = parse_command_args("lr-find", args, OPTIONS, ANY_OVERRIDE)
+    options = FinderOptions(**values)
+    if not options.min_lr < options.max_lr:
         raise TransferError(f"min_lr={options.min_lr} and max_lr={options.max_lr} make no range",
                             "0 < min_lr < max_lr, e.g. min_lr=1e-7 max_lr=1")
     if options.num_training < 2:
@@ -80,12 +77,14 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     from omegaconf import OmegaConf
     from pytorch_lightning.tuner import Tuner
 
-    from transfer_cli.train import build_run
+    from transfer_cli.assembly.run import build_run
+    from transfer_cli.config.compose import as_schema
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = as_schema(cfg)
     cfg.paths.output_dir = str(out_dir)
     cfg.logger.csv = cfg.logger.tensorboard = False  # the finder's curve goes to lr_find.json instead
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.yaml")
     run = build_run(cfg, out_dir)
     trainer = run.trainer
     # Only training losses matter: enough epochs for num_training steps on a small data set, no validation.
@@ -112,7 +111,7 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     result = LRFindResult(suggestion, lrs, losses, out_dir / PLOT_NAME, out_dir / RESULT_NAME)
     payload = {"suggestion": suggestion, "override": result.override, "lr": lrs, "loss": losses,
                "min_lr": options.min_lr, "max_lr": options.max_lr, "num_training": options.num_training}
-    result.result.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_json(result.result, payload)
     return result
 
 
@@ -131,7 +130,7 @@ def lr_find_command(args: list[str]) -> None:
     print(f"use it with: transfer train {' '.join(overrides + [result.override])}".rstrip())
 
 
-def scale_batch_size(run: Any, cfg: Any) -> int:
+def scale_batch_size(run: Any) -> int:
     """trainer.auto_batch_size: Lightning's Tuner doubles data.batch_size until a step runs out of memory (or
     the batch holds the whole training set), and the run continues with the largest that fit."""
     from pytorch_lightning.tuner import Tuner
@@ -139,7 +138,7 @@ def scale_batch_size(run: Any, cfg: Any) -> int:
     found = Tuner(run.trainer).scale_batch_size(run.module, datamodule=run.datamodule, mode="power")
     if found is None:  # fast_dev_run: Lightning skips the search
         return int(run.datamodule.batch_size)
-    if cfg.data.eval_batch_size is None:  # the default evaluation batch follows the training batch
+    if run.cfg.data.eval_batch_size is None:  # the default evaluation batch follows the training batch
         run.datamodule.eval_batch_size = 2 * found
     log.info("auto batch size: data.batch_size=%d", found)
     return int(found)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from transfer_cli.errors import TransferError
-from transfer_cli.lifecycle.checkpoint_files import (
+from transfer_cli.resume.checkpoints import (
     checkpoint_config, checkpoints_in, is_whole, read_checkpoint, resolve_checkpoint, run_dir_of,
 )
 

@@ -1,5 +1,5 @@
-"""`key=value` arguments of the checkpoint commands (eval, predict, export): each command's own options, and
-the config overrides it lets through to the restored run config.
+"""The one parser of `key=value` arguments for the commands other than `transfer train` (whose arguments are
+Hydra's): each command's own options, and the config overrides it lets through.
 
 Imports only the standard library and our config code, so a mistyped option fails before torch loads.
 """
@@ -7,9 +7,9 @@ Imports only the standard library and our config code, so a mistyped option fail
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, close_matches
 
 
 @dataclass(frozen=True)
@@ -45,26 +45,33 @@ def _override_key(arg: str) -> str:
     return key.lstrip("+~")
 
 
-def _allowed(key: str, prefixes: Sequence[str]) -> bool:
+ANY_OVERRIDE: Optional[Sequence[str]] = None  # override_prefixes for commands that compose a whole run config
+
+
+def _allowed(key: str, prefixes: Optional[Sequence[str]]) -> bool:
+    if prefixes is None:
+        return True
     return any(key == p.rstrip(".") or (p.endswith(".") and key.startswith(p)) for p in prefixes)
 
 
 def parse_command_args(
-    command: str, args: Sequence[str], options: dict[str, Option], override_prefixes: Sequence[str] = ()
+    command: str, args: Sequence[str], options: dict[str, Option],
+    override_prefixes: Optional[Sequence[str]] = (),
 ) -> tuple[dict[str, Any], list[str]]:
     """(the command's option values, the config overrides it allows).
 
-    `override_prefixes`: "data." lets every data.* key through, "data" the group choice data=<option>.
+    `override_prefixes`: "data." lets every data.* key through, "data" the group choice data=<option>;
+    ANY_OVERRIDE lets every config override through (commands that compose a run's config, as train does).
     Anything else is an error with a did-you-mean over both, since a silently ignored argument would make a
     report describe something other than what the user asked for.
     """
-    from transfer_cli.config.compose import check_overrides, close_matches
+    from transfer_cli.config.compose import check_overrides
 
     values = {name: opt.default for name, opt in options.items()}
     overrides: list[str] = []
     for arg in args:
         key, sep, text = arg.partition("=")
-        if not sep:
+        if not sep and not (override_prefixes is None and arg.startswith("~")):  # ~key deletes, Hydra's way
             raise TransferError(f"`transfer {command}` takes key=value arguments, not '{arg}'",
                                 f"e.g. transfer {command} {_example(options)}")
         if key in options:
@@ -82,6 +89,7 @@ def parse_command_args(
         elif _allowed(_override_key(arg), override_prefixes):
             overrides.append(arg)
         else:
+            assert override_prefixes is not None
             candidates = list(options) + [p.rstrip(".") for p in override_prefixes]
             close = close_matches(key, candidates, n=1)
             if not close and "." in key:  # a mistyped key under an allowed group: data.bach_size
@@ -103,7 +111,7 @@ def parse_command_args(
 
 
 def _example(options: dict[str, Option]) -> str:
-    return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required)
+    return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required) or "key=value"
 
 
-__all__ = ["Option", "parse_command_args", "POSITIVE_INT", "POSITIVE_FLOAT"]
+__all__ = ["Option", "parse_command_args", "POSITIVE_INT", "POSITIVE_FLOAT", "ANY_OVERRIDE"]

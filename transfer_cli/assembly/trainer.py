@@ -1,30 +1,33 @@
-"""pl.Trainer from the trainer, logger and callbacks groups."""
+"""pl.Trainer of a run from the trainer, logger and callbacks groups."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
-from transfer_cli.lifecycle.atomic_io import AtomicCheckpointIO
-from transfer_cli.lifecycle.determinism import RebuildLoaderOnResume, SeedEveryBatch
-from transfer_cli.lifecycle.run_state import AppendingCSVLogger, prune_metrics, resumed_global_step
-from transfer_cli.lifecycle.signals import GracefulStop
+from transfer_cli.resume.checkpoint_io import AtomicCheckpointIO
+from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, checkpoint_step
+from transfer_cli.resume.replay import ResumePoint, SeedEveryBatch
+from transfer_cli.resume.signals import GracefulStop
+from transfer_cli.tracking.csv_logger import MetricsCSV
 from transfer_cli.training.ema import EMA
 
-CHECKPOINT_DIR = "checkpoints"
-# trainer.* keys that TransferModule applies to the network, not arguments of pl.Trainer.
-MODULE_ARGS = ("compile", "channels_last")
+# trainer.* keys that are ours, not arguments of pl.Trainer: applied to the network (assembly/model.py), or the
+# Tuner's batch-size search (train.py)
+OWN_TRAINER_KEYS = ("compile", "channels_last", "auto_batch_size", "kwargs")
 
 
-def build_callbacks(cfg: Any, run_dir: Path, validate: bool = True) -> list[Callback]:
+def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, validate: bool = True
+                    ) -> list[Callback]:
     """validate=False: the run has no validation split, so nothing is monitored and there is no best.ckpt."""
     cb = cfg.callbacks
     checkpoints = run_dir / CHECKPOINT_DIR
@@ -37,15 +40,12 @@ def build_callbacks(cfg: Any, run_dir: Path, validate: bool = True) -> list[Call
     if cb.save_last:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
-    steps = int(OmegaConf.select(cfg, "callbacks.checkpoint_every_n_steps", default=0) or 0)
-    if steps > 0:  # long epochs: last.ckpt also every N optimizer steps, so an interruption loses little
+    if cb.checkpoint_every_n_steps > 0:  # long epochs: last.ckpt also every N optimizer steps
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
-                                         every_n_train_steps=steps, enable_version_counter=False))
-    # Resumability: per-batch RNG seeds from (seed, epoch, batch), and SIGTERM/SIGINT -> a resumable last.ckpt.
-    callbacks += [SeedEveryBatch(int(cfg.seed)), RebuildLoaderOnResume()]
-    callbacks.append(GracefulStop(checkpoints / "last.ckpt"))
-    if cb.ema:
-        callbacks.append(EMA(decay=cb.ema_decay))
+                                         every_n_train_steps=cb.checkpoint_every_n_steps, enable_version_counter=False))
+    # Resumability: per-batch RNG seeds from (seed, epoch, batch), where an interrupted epoch stopped, and
+    # SIGTERM/SIGINT -> a resumable last.ckpt.
+    callbacks += [SeedEveryBatch(int(cfg.seed)), resume_point, GracefulStop(checkpoints / "last.ckpt")]
     if cb.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
     if cb.rich_progress and cfg.trainer.enable_progress_bar:
@@ -55,23 +55,17 @@ def build_callbacks(cfg: Any, run_dir: Path, validate: bool = True) -> list[Call
     return callbacks
 
 
-def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
-    # The run dir already holds config.yaml when the CSV logger starts; its "not empty" warning is noise here.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     # Frozen BatchNorm (transfer.bn=frozen) is in eval mode on purpose; Lightning warns about any eval module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-    # A mid-epoch resume is exact here: lifecycle/determinism.py rebuilds the loader and skips the trained batches.
+    # A mid-epoch resume is exact here: resume/replay.py skips the batches the interrupted epoch trained on.
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     loggers: list[Logger] = []
-    resumed_step = resumed_global_step(OmegaConf.select(cfg, "resume"))  # None unless resuming
+    resumed_step = checkpoint_step(cfg.resume)  # None unless resuming
     if resumed_step is not None:  # a resumed run writes into its own, non-empty checkpoint dir on purpose
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    if cfg.logger.csv:
-        if resumed_step is None:
-            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))  # run_dir/metrics.csv
-        else:  # continue metrics.csv, without the rows logged after the checkpoint (they are logged again)
-            prune_metrics(run_dir / "metrics.csv", resumed_step)
-            loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="", version=""))
+    if cfg.logger.csv:  # run_dir/metrics.csv, continued on resume without the rows logged after the checkpoint
+        loggers.append(MetricsCSV(run_dir, resume_step=resumed_step))
     if cfg.logger.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -83,15 +77,15 @@ def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def check_without_validation(cfg: Any) -> None:
+def check_without_validation(cfg: TrainConfig) -> None:
     """Refuse, before any training, what needs a validation metric in a run that has none (data.val_fraction=0)."""
     conflicts = []
-    if OmegaConf.select(cfg, "callbacks.test_ckpt", default="best") == "best":
+    if cfg.callbacks.test_ckpt == "best":
         conflicts.append(("callbacks.test_ckpt=best picks its epoch on validation", "callbacks.test_ckpt=last"))
     monitor = str(cfg.callbacks.monitor)
     if cfg.callbacks.early_stopping_patience > 0 and monitor.startswith("val/"):
         conflicts.append((f"early stopping watches {monitor}", "callbacks.early_stopping_patience=0"))
-    plateau_monitor = str(OmegaConf.select(cfg, "scheduler.monitor") or monitor)
+    plateau_monitor = str(cfg.scheduler.monitor or monitor)
     if cfg.scheduler.name == "plateau" and plateau_monitor.startswith("val/"):
         conflicts.append((f"scheduler=plateau watches {plateau_monitor}", "scheduler=cosine"))
     if conflicts:
@@ -101,34 +95,33 @@ def check_without_validation(cfg: Any) -> None:
         )
 
 
-def build_trainer(cfg: Any, run_dir: Path, validate: bool = True) -> pl.Trainer:
-    """validate=False: the data has no validation split, see check_without_validation."""
-    if not validate:
-        check_without_validation(cfg)
-    args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    extra = args.pop("kwargs", {}) or {}  # +trainer.kwargs.X: any other pl.Trainer argument
-    args.pop("auto_batch_size", None)  # ours, not a pl.Trainer argument: train() runs the Tuner
-    for key in MODULE_ARGS:
-        args.pop(key, None)
-    args = {k: v for k, v in args.items() if v is not None}
+def trainer_args(cfg: TrainConfig, validate: bool) -> dict[str, Any]:
+    """pl.Trainer's keyword arguments from the trainer group (+trainer.kwargs.X: any other one)."""
+    args = {k: v for k, v in dataclasses.asdict(cfg.trainer).items() if k not in OWN_TRAINER_KEYS and v is not None}
     if "benchmark" not in args and not args.get("deterministic"):
         # Every batch has the configured input size, so cuDNN's per-shape autotuning pays for itself at once.
         args["benchmark"] = True
-    args.update(extra)
+    args.update(cfg.trainer.kwargs or {})
     if not validate:  # no validation split: Lightning then never asks for the val loader
         args.update(limit_val_batches=0, num_sanity_val_steps=0)
     # Checkpoints are written to a temp file and renamed: a kill mid-write never damages the previous one.
     plugins = args.pop("plugins", None) or []
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     args["plugins"] = [*plugins, AtomicCheckpointIO()]
-    loggers = build_loggers(cfg, run_dir)
+    return args
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
+                  resume_point: Optional[ResumePoint] = None) -> pl.Trainer:
+    """validate=False: the data has no validation split, see check_without_validation. `resume_point`: the
+    callback the training sampler asks where a restored epoch resumes (a new one when not given)."""
+    if not validate:
+        check_without_validation(cfg)
+    args = trainer_args(cfg, validate)
+    callbacks = build_callbacks(cfg, run_dir, resume_point or ResumePoint(), validate)
     try:
-        return pl.Trainer(
-            default_root_dir=str(run_dir),
-            logger=loggers if loggers else False,
-            callbacks=build_callbacks(cfg, run_dir, validate),
-            **args,
-        )
+        trainer = pl.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir) or False,
+                             callbacks=callbacks, **args)
     except TypeError as e:  # an unknown +trainer.kwargs.X
         raise TransferError(f"pl.Trainer rejected an argument: {e}", "check the names under trainer.kwargs")
     except (MisconfigurationException, ValueError, RuntimeError) as e:  # no GPU for trainer=gpu, a bad precision
@@ -136,3 +129,9 @@ def build_trainer(cfg: Any, run_dir: Path, validate: bool = True) -> pl.Trainer:
             f"the trainer could not start: {e}",
             "on a machine without a GPU use trainer=cpu (or trainer=auto); check trainer.precision/devices",
         ) from e
+    if cfg.callbacks.ema:  # built now that the device is known: the average lives where the weights train
+        trainer.callbacks.append(EMA(decay=cfg.callbacks.ema_decay, device=trainer.strategy.root_device))
+    return trainer
+
+
+__all__ = ["build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]

@@ -7,24 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
-
-from transfer_cli.lifecycle.atomic_io import leftover_temp_files
-from transfer_cli.lifecycle.checkpoint_files import checkpoint_meta, read_checkpoint
-from transfer_cli.lifecycle.resume_config import resume_command
-from transfer_cli.lifecycle.run_state import check_fingerprint
-from transfer_cli.lifecycle.signals import SIGTERMException, exit_status, graceful_stop
+from transfer_cli.atomic import leftover_temp_files
+from transfer_cli.resume.checkpoints import checkpoint_meta, read_checkpoint
+from transfer_cli.resume.fingerprint import check_fingerprint
+from transfer_cli.resume.plan import resume_command
+from transfer_cli.resume.signals import SIGTERMException, exit_status, graceful_stop
 
 log = logging.getLogger("transfer_cli")
 
 
-def fit(trainer: pl.Trainer, module: Any, datamodule: Any, cfg: Any, run_dir: Path) -> None:
-    """Fit, or continue the fit saved in cfg.resume (a checkpoint path, set by `transfer train resume=...`).
+def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, run_dir: Path) -> None:
+    """Fit, or continue the fit saved in `resume` (a checkpoint path, set by `transfer train resume=...`).
 
     A stop signal ends the process with 128 + its number (143 SIGTERM, 130 SIGINT) once the checkpoint is saved,
     after printing the command that continues the run.
     """
-    ckpt = OmegaConf.select(cfg, "resume")
+    ckpt = resume
     if ckpt:
         saved = checkpoint_meta(read_checkpoint(ckpt), ckpt)
         check_fingerprint(saved, module.meta, Path(ckpt), run_dir)

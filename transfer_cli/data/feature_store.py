@@ -4,18 +4,16 @@ One entry holds one split (or one augmented view of the training split) through 
 the network (model config, class, a digest of every weight and buffer), the preprocessing, the precision and
 device, the library versions and the image files with their sizes and modification times. Change any of these
 and the key changes, so a stale entry is never read; it just stays on disk until the cache dir is cleared.
-Entries are written to a temp file and renamed into place, and each carries its shape and a checksum, so an
+Entries are written atomically (transfer_cli/atomic.py), and each carries its shape and a checksum, so an
 interrupted write or a damaged file is reported and recomputed, never trusted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -23,12 +21,14 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from transfer_cli.atomic import atomic_torch_save
+
 log = logging.getLogger("transfer_cli")
 
-FORMAT = 1  # bump when the entry layout or what goes into the fingerprint changes
+FORMAT = 2  # bump when the entry layout or what goes into the key changes (2: views seeded by seeding.VIEW)
 
 
-def fingerprint(parts: Any) -> str:
+def cache_key(parts: Any) -> str:
     """sha256 of `parts` as canonical JSON (sorted keys): equal inputs give equal keys across processes."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -130,18 +130,7 @@ class FeatureStore:
             "checksum": _checksum(entry.features, entry.labels),
         }
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(payload, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)  # readers see the old entry or the whole new one, never half of it
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            atomic_torch_save(payload, path)  # readers see the old entry or the whole new one
         except OSError as e:
             log.warning("could not write the feature cache file %s (%s); this run keeps its features in memory",
                         path, e)
@@ -149,4 +138,4 @@ class FeatureStore:
         return path
 
 
-__all__ = ["FeatureStore", "CachedSplit", "fingerprint", "weights_digest", "files_digest", "FORMAT"]
+__all__ = ["FeatureStore", "CachedSplit", "cache_key", "weights_digest", "files_digest", "FORMAT"]

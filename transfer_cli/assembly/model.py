@@ -1,0 +1,62 @@
+"""The network of a run from the model group (and the data group's preprocessing keys), and its metadata."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from transfer_cli.config.schema import TrainConfig
+from transfer_cli.data.splits import DataSplits
+from transfer_cli.models.classifier import Classifier
+from transfer_cli.models.combined import build_backbone
+from transfer_cli.resume.fingerprint import FINGERPRINT_KEY, fingerprint
+
+
+def plain(value: Any) -> Any:
+    """Tuples to lists, so metadata is plain JSON/YAML-able data inside checkpoints."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Classifier, dict]:
+    """(the Classifier, the preprocessing its backbone expects: timm's data config with data.* overrides)."""
+    backbone, data_config = build_backbone(cfg.model, cfg.data)
+    model = Classifier(backbone, num_classes, cfg.model.head_hidden_dim, cfg.model.head_dropout)
+    return model, data_config
+
+
+def prepare_for_training(model: Classifier, cfg: TrainConfig, images: bool) -> None:
+    """Speed only, for image batches (a head on features has no convolutions): channels_last is the layout
+    cuDNN and oneDNN convolutions run fastest in; nn.Module.compile keeps the state-dict keys unchanged."""
+    if not images:
+        return
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.trainer.compile:
+        model.compile()
+
+
+def run_meta(cfg: TrainConfig, splits: DataSplits, data_config: dict, model: Classifier) -> dict:
+    """What a checkpoint says about its network besides the weights: classes, preprocessing, task."""
+    return {
+        "class_names": list(splits.class_names),
+        "class_to_idx": {name: i for i, name in enumerate(splits.class_names)},
+        "data_config": plain(dict(data_config)),
+        "backbone": list(cfg.model.backbones) or cfg.model.backbone,
+        "num_features": model.num_features,
+        "task": cfg.task,  # multilabel: sigmoid outputs, decoded to label sets at multilabel_threshold
+        "multilabel_threshold": float(cfg.multilabel_threshold),
+    }
+
+
+def checkpoint_block(config: dict, meta: dict) -> dict:
+    """The plain-data block of every checkpoint: the resolved config, the metadata and the fingerprint a resume
+    checks the data and model against."""
+    return {"config": config, **meta, FINGERPRINT_KEY: fingerprint(meta)}
+
+
+__all__ = ["build_model", "prepare_for_training", "run_meta", "checkpoint_block", "plain"]

@@ -1,0 +1,89 @@
+"""A whole run assembled from its config: data, network, trainer and module, in the order they depend on."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+
+from transfer_cli.assembly.data import cache_plan, discover, feature_pass, image_data, loader_settings, cached_views
+from transfer_cli.assembly.model import build_model, checkpoint_block, prepare_for_training, run_meta
+from transfer_cli.assembly.module import transfer_module
+from transfer_cli.assembly.trainer import build_trainer
+from transfer_cli.config.compose import as_schema
+from transfer_cli.config.schema import TrainConfig
+from transfer_cli.data.datamodule import ImageDataModule
+from transfer_cli.data.features import FeatureDataModule, FeatureSplits
+from transfer_cli.data.splits import DataSplits
+from transfer_cli.inference import autocast_for
+from transfer_cli.models.classifier import Classifier
+from transfer_cli.resume.replay import ResumePoint
+from transfer_cli.training.module import TransferModule
+
+log = logging.getLogger("transfer_cli")
+
+
+@dataclass
+class RunParts:
+    """Everything a command needs to run the configured experiment: train, lr-find and previews share it."""
+
+    cfg: TrainConfig
+    splits: DataSplits
+    model: Classifier
+    images: ImageDataModule
+    datamodule: pl.LightningDataModule  # `images`, or the cached features of the frozen backbone
+    module: TransferModule
+    trainer: pl.Trainer
+    feature_cache: bool
+
+    @property
+    def features(self) -> Optional[FeatureSplits]:
+        """What the feature pre-pass computed or read (tensors, cache hits and misses), once the fit started."""
+        return getattr(self.datamodule, "features", None)
+
+
+def config_container(cfg: TrainConfig) -> dict:
+    """The resolved config as plain data, as it goes into checkpoints."""
+    return dataclasses.asdict(cfg)
+
+
+def build_data(cfg: Any, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDataModule, dict]:
+    """Discover the data, build the model, and the image datamodule with the model's preprocessing (no trainer:
+    for previews)."""
+    cfg = as_schema(cfg)
+    splits = discover(cfg.data, cfg.task)
+    log.info("data: %s", splits.source_desc)
+    model, data_config = build_model(cfg, len(splits.class_names))
+    images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt")
+    return splits, model, images, run_meta(cfg, splits, data_config, model)
+
+
+def build_run(cfg: Any, run_dir: Path) -> RunParts:
+    cfg = as_schema(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    splits = discover(cfg.data, cfg.task)
+    log.info("data: %s", splits.source_desc)
+    model, data_config = build_model(cfg, len(splits.class_names))
+    meta = run_meta(cfg, splits, data_config, model)
+    resume_point = ResumePoint()
+    trainer = build_trainer(cfg, run_dir, validate=bool(splits.val), resume_point=resume_point)
+    device = trainer.strategy.root_device
+    images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt", device=device,
+                        resume_start=resume_point.start)
+    cache, why = cache_plan(cfg)
+    log.info("feature cache %s", why)
+    datamodule: pl.LightningDataModule = images
+    if cache:
+        datamodule = FeatureDataModule(feature_pass(cfg, images, model, device, autocast_for(device, cfg.trainer.precision)),
+                                       loader_settings(cfg), views=cached_views(cfg), resume_start=resume_point.start)
+    prepare_for_training(model, cfg, images=not cache)
+    module = transfer_module(cfg, model, checkpoint_block(config_container(cfg), meta),
+                             inputs="features" if cache else "images", class_counts=splits.counts("train"))
+    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache)
+
+
+__all__ = ["RunParts", "build_run", "build_data", "config_container"]

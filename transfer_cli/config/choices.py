@@ -1,0 +1,73 @@
+"""Every name a user can type for a choice, in one place per choice.
+
+A choice that a config group makes (`data=csv` sets data.source, `scheduler=plateau` scheduler.name, ...) takes
+the names of that group's YAML files: the file name is the name. The builder registry in code behind each
+choice is keyed by the same names, and tests/test_config.py holds every registry against this table. The few
+choices that no config group makes are listed here once.
+
+Only the standard library and the configs folder are read here, so a mistyped name fails before torch loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transfer_cli.errors import TransferError, close_matches
+
+# key -> the config group whose option names are its allowed values
+GROUP_CHOICES = {
+    "data.source": "data",
+    "transfer.mode": "transfer",
+    "augmentation.name": "augmentation",
+    "optimizer.name": "optimizer",
+    "scheduler.name": "scheduler",
+}
+ALIASES = {"scheduler.name": ("none",)}  # older configs said scheduler.name=none for constant
+
+# key -> allowed values, for the choices no config group makes
+ENUMS = {
+    "task": ("multiclass", "multilabel"),
+    "data.sampler": ("shuffle", "balanced"),
+    "data.decode": ("cpu", "gpu"),
+    "data.class_weights": ("none", "auto"),
+    "data.elpv_task": ("binary", "four_class"),
+    "data.elpv_cell_type": ("all", "mono", "poly"),
+    "transfer.bn": ("frozen", "train"),
+    "transfer.cache_features": ("auto", "true", "false"),
+    "eval.tta": ("none", "hflip", "flips", "multicrop"),
+    "callbacks.mode": ("max", "min"),
+    "callbacks.test_ckpt": ("best", "last"),
+    "scheduler.mode": ("max", "min"),
+    "trainer.gradient_clip_algorithm": ("norm", "value"),
+}
+
+
+def choices() -> dict[str, list[str]]:
+    """Every choice key and its allowed values."""
+    from transfer_cli.config.compose import config_groups
+
+    groups = config_groups()
+    out = {key: groups[group] + list(ALIASES.get(key, ())) for key, group in GROUP_CHOICES.items()}
+    out.update({key: list(values) for key, values in ENUMS.items()})
+    return out
+
+
+def check_choices(cfg: Any) -> None:
+    """Fields whose value must be one of a few names, after composition (OmegaConf has no Literal type)."""
+    from omegaconf import OmegaConf
+
+    for key, allowed in choices().items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and str(value) not in allowed and str(value).lower() in allowed:
+            # `key=false` reaches a string field as "False" (Hydra parses it as a bool first): same choice.
+            OmegaConf.update(cfg, key, str(value).lower())
+            continue
+        if value is not None and str(value) not in allowed:
+            matches = close_matches(str(value), allowed)
+            hint = f"did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+            raise TransferError(
+                f"{key}={value} is not a valid choice. {hint}".rstrip(), f"set {key} to one of: {', '.join(allowed)}"
+            )
+
+
+__all__ = ["choices", "check_choices", "GROUP_CHOICES", "ENUMS", "ALIASES"]
