@@ -35,6 +35,13 @@ def tiny_run_overrides(root, run_dir=None, *extra: str, backbone: str = "test_ef
             *([f"paths.output_dir={run_dir}"] if run_dir is not None else []), *extra]
 
 
+def tiny_cfg(tmp_path, root, *overrides: str, run: str = "run", backbone: str = "test_efficientnet"):
+    """The composed config of a tiny run (tiny_run_overrides) in `tmp_path / run`, plus `overrides`."""
+    from transfer_cli.config.compose import compose
+
+    return compose(tiny_run_overrides(root, tmp_path / run, *overrides, backbone=backbone))
+
+
 def _make_image_folder(
     root: Path,
     classes: Sequence[str] = ("cat", "dog"),

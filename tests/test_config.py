@@ -2,7 +2,8 @@
 
 import pytest
 
-from transfer_cli.config.compose import check_overrides, compose, config_dir, config_groups
+from transfer_cli.config.compose import check_overrides, compose
+from transfer_cli.config.folders import config_dir, config_groups
 from transfer_cli.errors import TransferError
 
 GROUPS = config_groups()
@@ -90,3 +91,78 @@ def test_configs_ship_with_the_package():
     assert (root / "train.yaml").is_file()
     assert {"data", "model", "transfer", "augmentation", "optimizer", "scheduler", "trainer", "logger",
             "callbacks", "experiment", "debug", "hydra"} <= set(GROUPS)
+
+
+# ---------------------------------------------------------------- one name, one registry, one reader
+
+
+def registries():
+    """Every registry of builders keyed by a name users type, by the config key that chooses it."""
+    from transfer_cli.assembly.data import SOURCES
+    from transfer_cli.data.augment import PRESETS
+    from transfer_cli.data.elpv import ELPV_CLASSES
+    from transfer_cli.data.samplers import SAMPLERS
+    from transfer_cli.training.freezing import MODES
+    from transfer_cli.training.losses import CRITERIA
+    from transfer_cli.training.metrics import TASK_METRICS
+    from transfer_cli.training.optim import OPTIMIZERS
+    from transfer_cli.training.schedules import SCHEDULES
+    from transfer_cli.training.tta import VIEWS
+
+    return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES),
+            ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
+            ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
+            ("data.elpv_task", ELPV_CLASSES)]
+
+
+def test_every_registry_holds_exactly_the_names_its_choice_allows():
+    from transfer_cli.config.choices import ALIASES, choices
+
+    allowed = choices()
+    for key, registry in registries():
+        assert sorted(registry) == sorted(set(allowed[key]) - set(ALIASES.get(key, ()))), key
+
+
+@pytest.mark.parametrize("key,group", [(k, g) for k, g in
+                                       __import__("transfer_cli.config.choices", fromlist=["x"]).GROUP_CHOICES.items()])
+def test_a_group_option_sets_its_own_name(key, group):
+    """`transfer=partial` means transfer.mode=partial: the YAML file name is the name the registry resolves."""
+    from omegaconf import OmegaConf
+
+    for option in GROUPS[group]:
+        assert OmegaConf.select(compose(["~experiment", f"{group}={option}"]), key) == option, (group, option)
+
+
+LIBRARY = ("data", "models", "training", "tracking")  # packages that take plain values, never a config
+
+
+def test_library_code_never_imports_omegaconf():
+    import ast
+    from pathlib import Path
+
+    import transfer_cli
+
+    def imports(path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                yield node.module
+
+    package = Path(transfer_cli.__file__).parent
+    offenders = [str(path.relative_to(package)) for name in LIBRARY for path in (package / name).glob("*.py")
+                 if any(m.split(".")[0] in ("omegaconf", "hydra") for m in imports(path))]
+    assert offenders == []
+
+
+def test_every_package_ships_in_the_wheel():
+    import tomllib
+    from pathlib import Path
+
+    import transfer_cli
+
+    package = Path(transfer_cli.__file__).parent
+    found = {"transfer_cli." + ".".join(p.parent.relative_to(package).parts) if p.parent != package
+             else "transfer_cli" for p in package.rglob("__init__.py") if "configs" not in p.parts}
+    listed = set(tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert found <= listed

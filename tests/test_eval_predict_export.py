@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import _make_image_folder, tiny_run_overrides, write_class_images
+from conftest import _make_image_folder, tiny_cfg, write_class_images
 from PIL import Image
 
 from transfer_cli.commands.evaluate import evaluate
@@ -18,7 +18,6 @@ from transfer_cli.commands.export import export
 from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.commands.predict import predict
 from transfer_cli.commands.restore import restore
-from transfer_cli.config.compose import compose
 from transfer_cli.data.images import load_rgb
 from transfer_cli.data.transforms import eval_transform
 from transfer_cli.errors import TransferError
@@ -28,9 +27,8 @@ from transfer_cli.train import train
 CLASSES = ("cat", "dog", "red", "green", "blue")  # five, so top-5 accuracy is reported
 
 
-def tiny_cfg(root, run_dir, *overrides):
-    return compose(tiny_run_overrides(root, run_dir, "trainer.max_epochs=2", "augmentation=none",
-                                      "transfer=feature_extract", "optimizer.lr=0.05", *overrides))
+# A linear probe on cached features: the fastest run that leaves real checkpoints.
+PROBE = ("trainer.max_epochs=2", "augmentation=none", "transfer=feature_extract", "optimizer.lr=0.05")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +39,7 @@ def tiny_run(tmp_path_factory):
     rng = np.random.default_rng(7)
     for k, c in enumerate(CLASSES):
         write_class_images(root / "test" / c, k, 2, 32, rng)
-    summary = train(tiny_cfg(root, tmp / "run", "transfer.cache_features=false"))
+    summary = train(tiny_cfg(tmp, root, *PROBE, "transfer.cache_features=false"))
     return summary, tmp / "run", root
 
 
@@ -85,7 +83,7 @@ def test_eval_reports_the_trainers_accuracy(tiny_run, tmp_path):
 
 def test_test_ckpt_last_scores_the_final_weights(tiny_run, tmp_path):
     _, _, root = tiny_run
-    summary = train(tiny_cfg(root, tmp_path / "run", "trainer.max_epochs=3", "callbacks.test_ckpt=last"))
+    summary = train(tiny_cfg(tmp_path, root, *PROBE, "trainer.max_epochs=3", "callbacks.test_ckpt=last"))
     assert summary["test_checkpoint"] == summary["last_checkpoint"] != summary["best_checkpoint"]
     last = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert last["epoch"] == 2  # the final epoch's weights, whatever validation preferred

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import class_image, tiny_run_overrides
+from conftest import class_image, tiny_cfg
 
 from transfer_cli import seeding
 from transfer_cli.assembly.data import cache_plan
@@ -25,10 +25,8 @@ from transfer_cli.train import train
 BACKBONE = "test_efficientnet"
 
 
-def tiny_cfg(tmp_path, root, run="run", *overrides):
-    return compose(tiny_run_overrides(
-        root, tmp_path / run, "trainer.max_epochs=2", "transfer=feature_extract", "augmentation=none",
-        "optimizer.lr=0.02", f"transfer.cache_dir={tmp_path / 'cache'}", *overrides, backbone=BACKBONE))
+# Cached features of a frozen backbone; the cache is the test's own (conftest: TRANSFER_CACHE_DIR in tmp_path).
+CACHED = ("trainer.max_epochs=2", "transfer=feature_extract", "augmentation=none", "optimizer.lr=0.02")
 
 
 def head_weights(summary):
@@ -36,8 +34,12 @@ def head_weights(summary):
     return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.head.")}
 
 
+def cache_dir(tmp_path):
+    return tmp_path / "feature-cache" / "features"
+
+
 def cache_files(tmp_path):
-    return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("*.pt")}
+    return {p.name: p.stat().st_mtime_ns for p in cache_dir(tmp_path).glob("*.pt")}
 
 
 def fit_counting_backbone_calls(cfg, run_dir):
@@ -52,12 +54,12 @@ def fit_counting_backbone_calls(cfg, run_dir):
 
 
 def test_head_matches_with_and_without_cache(tmp_path, tiny_imagefolder):
-    cached = train(tiny_cfg(tmp_path, tiny_imagefolder, "cached", "transfer.cache_features=true"))
-    direct = train(tiny_cfg(tmp_path, tiny_imagefolder, "direct", "transfer.cache_features=false"))
+    cached = train(tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "transfer.cache_features=true", run="cached"))
+    direct = train(tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "transfer.cache_features=false", run="direct"))
     assert cached["feature_cache"] is True and direct["feature_cache"] is False
     a, b = head_weights(cached), head_weights(direct)
     assert set(a) == set(b) and a
-    start = head_weights(train(tiny_cfg(tmp_path, tiny_imagefolder, "short", "trainer.max_epochs=1")))
+    start = head_weights(train(tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1", run="short")))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
         assert not torch.allclose(a[name], start[name], atol=1e-5), f"{name} did not train, the test proves nothing"
@@ -65,7 +67,7 @@ def test_head_matches_with_and_without_cache(tmp_path, tiny_imagefolder):
 
 
 def test_second_run_reads_the_cache_without_a_backbone_pass(tmp_path, tiny_imagefolder, caplog):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder)
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED)
     first, first_calls = fit_counting_backbone_calls(cfg, tmp_path / "run1")
     assert (first.misses, first.hits) == (2, 0) and first_calls > 0  # train and val computed
     written = cache_files(tmp_path)
@@ -82,7 +84,7 @@ def test_second_run_reads_the_cache_without_a_backbone_pass(tmp_path, tiny_image
 
 
 def test_touched_image_recomputes_only_its_split(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "run", "trainer.max_epochs=1")
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1")
     fit_counting_backbone_calls(cfg, tmp_path / "run1")
     before = cache_files(tmp_path)
     image = next((tiny_imagefolder / "train" / "cat").glob("*.png"))
@@ -98,9 +100,9 @@ def test_touched_image_recomputes_only_its_split(tmp_path, tiny_imagefolder):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "tampered", "wrong_rows"])
 def test_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, tiny_imagefolder, caplog, damage):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "run", "trainer.max_epochs=1")
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1")
     fit_counting_backbone_calls(cfg, tmp_path / "run1")
-    train_file = next((tmp_path / "cache").glob("train-*.pt"))
+    train_file = next(cache_dir(tmp_path).glob("train-*.pt"))
     good = torch.load(train_file, weights_only=True)
     if damage == "truncated":  # an interrupted copy
         train_file.write_bytes(train_file.read_bytes()[: train_file.stat().st_size // 2])
@@ -121,9 +123,10 @@ def test_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, tiny_imagefolder
 
 
 def test_unwritable_cache_dir_keeps_features_in_memory(tmp_path, tiny_imagefolder, caplog):
-    blocker = tmp_path / "cache"
+    blocker = cache_dir(tmp_path)
+    blocker.parent.mkdir(parents=True)
     blocker.write_text("a file where the cache dir should be")
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "run", "trainer.max_epochs=1")
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1")
     with caplog.at_level(logging.WARNING, logger="transfer_cli"):
         summary = train(cfg)
     assert summary["feature_cache"] is True and summary["val_acc"] is not None
@@ -131,9 +134,10 @@ def test_unwritable_cache_dir_keeps_features_in_memory(tmp_path, tiny_imagefolde
 
 
 def test_cache_dir_null_stores_nothing(tmp_path, tiny_imagefolder):
-    summary = train(tiny_cfg(tmp_path, tiny_imagefolder, "run", "trainer.max_epochs=1", "transfer.cache_dir=null"))
+    summary = train(tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1",
+                             "transfer.cache_dir=null"))
     assert summary["feature_cache"] is True
-    assert not (tmp_path / "cache").exists()
+    assert not cache_dir(tmp_path).exists()
 
 
 def test_fingerprint_inputs_react_to_what_changes_features(tmp_path):
@@ -172,10 +176,10 @@ def test_store_round_trip_and_key_check(tmp_path):
 
 
 def test_cached_views_train_on_view_e_mod_k(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "run", "augmentation=light", "transfer.cache_views=2",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "augmentation=light", "transfer.cache_views=2",
                    "trainer.max_epochs=3")
     assert cache_plan(as_schema(cfg))[0]
-    assert not cache_plan(as_schema(tiny_cfg(tmp_path, tiny_imagefolder, "run", "augmentation=light")))[0]
+    assert not cache_plan(as_schema(tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "augmentation=light")))[0]
     dm, calls = fit_counting_backbone_calls(cfg, tmp_path / "run1")
     assert (dm.misses, dm.hits) == (3, 0) and calls > 0
     names = sorted(cache_files(tmp_path))

@@ -11,11 +11,11 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_overrides, write_class_images
+from conftest import tiny_cfg, tiny_run_overrides, write_class_images
 from PIL import Image
 
 from transfer_cli.cli import main as cli_main
-from transfer_cli.config.compose import compose
+from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.data.samplers import BalancedEpochSampler
 from transfer_cli.tuner import FinderOptions, find_lr
 from transfer_cli.models.backbone import create_backbone
@@ -26,11 +26,7 @@ from transfer_cli.training.tta import tta_views
 
 BACKBONE = "test_efficientnet"
 HEAD_ONLY = ["transfer=feature_extract", "augmentation=none"]  # cached features: the fastest runs
-
-
-def tiny_cfg(tmp_path, root, *overrides):
-    return compose(tiny_run_overrides(root, tmp_path / "run", "trainer.max_epochs=1", "logger=none", *overrides,
-                                      backbone=BACKBONE))
+ONE_EPOCH = ("trainer.max_epochs=1", "logger=none")
 
 
 class LRRecorder(pl.Callback):
@@ -66,7 +62,7 @@ def load_ckpt(path):
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "adam", "rmsprop", "lamb", "lion"])
 def test_each_optimizer_trains_one_epoch(tmp_path, tiny_imagefolder, name):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, f"optimizer={name}", "transfer=fine_tune", "augmentation=none",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, f"optimizer={name}", "transfer=fine_tune", "augmentation=none",
                    "transfer.backbone_lr_scale=0.5", "scheduler=constant", "data.batch_size=8")
     run = make_run(cfg, tmp_path / "run")
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
@@ -123,7 +119,7 @@ def _torch_onecycle(total, lr):
 def test_lr_at_every_step_matches_the_closed_form(tmp_path, tiny_imagefolder, name):
     warmup = ["scheduler.warmup_epochs=0"] if name == "onecycle" else ["scheduler.warmup_epochs=1",
                                                                        "scheduler.warmup_start_factor=0"]
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, f"scheduler={name}", *warmup, "trainer.max_epochs=4",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, f"scheduler={name}", *warmup, "trainer.max_epochs=4",
                    "optimizer.lr=0.1", "scheduler.min_lr_factor=0", "scheduler.step_epochs=2", "scheduler.gamma=0.5",
                    "scheduler.milestones=[1,3]", *(["scheduler.gamma=0.8"] if name == "exponential" else []))
     run, rows = fit_recording_lrs(cfg, tmp_path)
@@ -137,7 +133,7 @@ def test_lr_at_every_step_matches_the_closed_form(tmp_path, tiny_imagefolder, na
 
 def test_warmup_in_steps_and_accumulation_count_optimizer_steps(tmp_path, tiny_imagefolder):
     # 4 batches per epoch, 2 accumulated per optimizer step: 2 steps per epoch, 6 in the run.
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "scheduler=cosine", "scheduler.warmup_steps=2",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "scheduler=cosine", "scheduler.warmup_steps=2",
                    "trainer.max_epochs=3", "trainer.accumulate_grad_batches=2", "optimizer.lr=0.1")
     run, rows = fit_recording_lrs(cfg, tmp_path)
     assert run.trainer.global_step == 6
@@ -150,7 +146,7 @@ def test_warmup_in_steps_and_accumulation_count_optimizer_steps(tmp_path, tiny_i
 def test_plateau_reduces_the_lr_when_the_metric_is_flat(tmp_path, tiny_imagefolder):
     # An LR this small moves val/loss by far less than ReduceLROnPlateau's relative threshold (1e-4): flat. It is
     # still above its eps=1e-8, below which it leaves the LR alone.
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "scheduler=plateau", "scheduler.patience=1",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "scheduler=plateau", "scheduler.patience=1",
                    "scheduler.gamma=0.5", "scheduler.warmup_epochs=1", "trainer.max_epochs=5", "optimizer.lr=1e-6",
                    "optimizer=sgd", "scheduler.monitor=val/loss", "scheduler.mode=min")
     run, rows = fit_recording_lrs(cfg, tmp_path)
@@ -177,7 +173,7 @@ def test_gradient_clipping(tmp_path, tiny_imagefolder, algorithm):
                 seen.append((max(float(g.abs().max()) for g in grads), float(norm)))
             trainer.optimizers[0].register_step_post_hook(probe)
 
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "trainer.gradient_clip_val=1e-3",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "trainer.gradient_clip_val=1e-3",
                    f"trainer.gradient_clip_algorithm={algorithm}", "optimizer=sgd")
     run = make_run(cfg, tmp_path / "run")
     run.trainer.callbacks.append(GradProbe())
@@ -206,7 +202,7 @@ def test_ema_weights_are_validated_tested_and_saved_beside_the_raw_ones(tmp_path
     rng = np.random.default_rng(3)
     for k, c in enumerate(("cat", "dog")):
         write_class_images(tiny_imagefolder / "test" / c, k, 3, 32, rng)
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "callbacks.ema=true", "callbacks.ema_decay=0.7",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "callbacks.ema=true", "callbacks.ema_decay=0.7",
                    "trainer.max_epochs=2", "optimizer.lr=0.05", "callbacks.monitor=val/loss", "callbacks.mode=min")
     run = make_run(cfg, tmp_path / "run")
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -249,7 +245,7 @@ def test_balanced_sampler_in_the_training_loader(tmp_path):
     for k, (c, n) in enumerate((("common", 18), ("rare", 2))):
         write_class_images(root / "train" / c, k, n, 16, rng)
         write_class_images(root / "val" / c, k, 2, 16, rng)
-    cfg = tiny_cfg(tmp_path, root, *HEAD_ONLY, "data.sampler=balanced")
+    cfg = tiny_cfg(tmp_path, root, *ONE_EPOCH, *HEAD_ONLY, "data.sampler=balanced")
     run = make_run(cfg, tmp_path / "run")
     for dm in (run.images, run.datamodule):  # the image loader and the cached-feature loader alike
         dm.setup("fit")
@@ -269,7 +265,7 @@ def test_balanced_sampler_in_the_training_loader(tmp_path):
 def test_tta_hflip_averages_the_logits_of_the_flipped_batch(tmp_path, tiny_imagefolder):
     losses = {}
     for tta in ("none", "hflip"):
-        cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=fine_tune", "augmentation=none", f"eval.tta={tta}")
+        cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, "transfer=fine_tune", "augmentation=none", f"eval.tta={tta}")
         run = make_run(cfg, tmp_path / f"run_{tta}")
         run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
         losses[tta] = float(run.trainer.callback_metrics["val/loss"])
@@ -293,12 +289,12 @@ def test_tta_flips_are_the_four_flips_of_the_batch():
 
 
 def test_tta_multicrop_runs_and_cached_features_skip_tta(tmp_path, tiny_imagefolder, caplog):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=fine_tune", "augmentation=none", "eval.tta=multicrop")
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, "transfer=fine_tune", "augmentation=none", "eval.tta=multicrop")
     run = make_run(cfg, tmp_path / "run")
     run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)
     assert math.isfinite(float(run.trainer.callback_metrics["val/loss"]))
     with caplog.at_level("WARNING", logger="transfer_cli"):
-        cached = make_run(tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "eval.tta=hflip"), tmp_path / "run2")
+        cached = make_run(tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "eval.tta=hflip"), tmp_path / "run2")
     assert cached.feature_cache and cached.module.tta is None
     assert "eval.tta=hflip ignored" in caplog.text
 
@@ -307,7 +303,7 @@ def test_tta_multicrop_runs_and_cached_features_skip_tta(tmp_path, tiny_imagefol
 
 
 def test_lr_find_writes_the_plot_and_a_finite_suggestion(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "callbacks.ema=true")
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "callbacks.ema=true")
     result = find_lr(cfg, tmp_path / "lr_find", FinderOptions(num_training=30, min_lr=1e-5, max_lr=10))
     with Image.open(result.plot) as png:
         assert png.format == "PNG" and png.size[0] > 100
@@ -333,18 +329,19 @@ def test_lr_find_rejects_a_mistyped_override_with_the_fix(capsys):
 
 
 def test_auto_batch_size_grows_the_batch_before_fit(tmp_path, tiny_imagefolder):
-    summary = train(tiny_cfg(tmp_path, tiny_imagefolder, *HEAD_ONLY, "trainer.auto_batch_size=true",
+    summary = train(tiny_cfg(tmp_path, tiny_imagefolder, *ONE_EPOCH, *HEAD_ONLY, "trainer.auto_batch_size=true",
                              "data.batch_size=2"))
     assert summary["batch_size"] == 16  # doubled until the batch holds the whole training set
     assert summary["epochs"] == 1
 
 
 def test_drop_rates_reach_timm():
-    cfg = compose(["~experiment", f"model.backbone={BACKBONE}", "model.pretrained=false", "model.drop_rate=0.3",
-                   "model.drop_path_rate=0.2"])
+    cfg = as_schema(compose(["~experiment", f"model.backbone={BACKBONE}", "model.pretrained=false",
+                             "model.drop_rate=0.3", "model.drop_path_rate=0.2"]))
     model = create_backbone(cfg.model)
     assert model.drop_rate == 0.3
     drop_paths = [m.drop_prob for m in model.modules() if isinstance(m, timm.layers.DropPath)]
     assert drop_paths and max(drop_paths) > 0
-    plain = create_backbone(compose(["~experiment", f"model.backbone={BACKBONE}", "model.pretrained=false"]).model)
+    plain = create_backbone(as_schema(compose(["~experiment", f"model.backbone={BACKBONE}",
+                                               "model.pretrained=false"])).model)
     assert not any(isinstance(m, timm.layers.DropPath) for m in plain.modules())

@@ -112,7 +112,7 @@ def test_slurm_launcher_and_ddp_trainer_compose(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from transfer_cli.config.compose import config_dir
+    from transfer_cli.config.folders import config_dir
     from transfer_cli.config.schema import register_configs
 
     register_configs()

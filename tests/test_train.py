@@ -7,18 +7,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import tiny_run_overrides, write_class_images
+from conftest import tiny_cfg, write_class_images
 
-from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
 from transfer_cli.train import train
 from transfer_cli.training.schedules import lr_factor
 
 BACKBONE = "test_efficientnet"  # timm's tiny test model: BatchNorm everywhere, ~0.2 M parameters
-
-
-def tiny_cfg(tmp_path, root, *overrides):
-    return compose(tiny_run_overrides(root, tmp_path / "run", "trainer.max_epochs=2", *overrides, backbone=BACKBONE))
+TWO_EPOCHS = ("trainer.max_epochs=2",)
 
 
 @pytest.fixture
@@ -50,7 +46,7 @@ def epoch_losses(run_dir):
 def test_feature_extract_leaves_backbone_bitwise_unchanged(tmp_path, tiny_imagefolder, backbone_file,
                                                            augmentation, cached):
     path, reference = backbone_file
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=feature_extract", f"model.weights={path}",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=feature_extract", f"model.weights={path}",
                    f"augmentation={augmentation}", "trainer.max_epochs=4", "optimizer.lr=0.02")
     summary = train(cfg)
     assert summary["feature_cache"] is cached
@@ -67,7 +63,7 @@ def test_feature_extract_leaves_backbone_bitwise_unchanged(tmp_path, tiny_imagef
 
 def test_fine_tune_trains_backbone_at_scaled_lr(tmp_path, tiny_imagefolder, backbone_file):
     path, reference = backbone_file
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=fine_tune", "transfer.backbone_lr_scale=0.1",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=fine_tune", "transfer.backbone_lr_scale=0.1",
                    f"model.weights={path}", "optimizer.lr=0.01", "scheduler=cosine", "scheduler.warmup_epochs=1",
                    "trainer.max_epochs=3")
     summary = train(cfg)
@@ -92,7 +88,7 @@ def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder):
     rng = np.random.default_rng(7)
     for k, c in enumerate(("cat", "dog")):
         write_class_images(tiny_imagefolder / "test" / c, k, 3, 32, rng)
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "augmentation=none", "trainer.max_epochs=2",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "augmentation=none", "trainer.max_epochs=2",
                    "model.head_hidden_dim=16", "model.head_dropout=0.1")
     summary = train(cfg)
     run = tmp_path / "run"
@@ -119,7 +115,7 @@ def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder):
 @pytest.mark.parametrize("cached", [True, False])
 def test_val_fraction_zero_trains_on_all_but_the_test_split(tmp_path, make_image_folder, cached):
     root = make_image_folder(tmp_path / "data", per_class=8, layout="flat")
-    summary = train(tiny_cfg(tmp_path, root, "data.val_fraction=0", "data.test_fraction=0.25",
+    summary = train(tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.val_fraction=0", "data.test_fraction=0.25",
                              "callbacks.test_ckpt=last", "transfer=feature_extract", "augmentation=none",
                              f"transfer.cache_features={str(cached).lower()}"))
     assert (summary["train_size"], summary["val_size"], summary["test_size"]) == (12, 0, 4)
@@ -137,20 +133,20 @@ def test_val_fraction_zero_trains_on_all_but_the_test_split(tmp_path, make_image
 
 def test_val_fraction_zero_refuses_what_needs_validation_before_training(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", per_class=8, layout="flat")
-    cfg = tiny_cfg(tmp_path, root, "data.val_fraction=0", "callbacks.early_stopping_patience=2")
+    cfg = tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.val_fraction=0", "callbacks.early_stopping_patience=2")
     with pytest.raises(TransferError) as err:
         train(cfg)
     assert "callbacks.test_ckpt=last" in str(err.value) and "callbacks.early_stopping_patience=0" in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists()
     # a watched training metric needs no validation split
-    cfg = tiny_cfg(tmp_path, root, "data.val_fraction=0", "callbacks.test_ckpt=last", "scheduler=plateau",
+    cfg = tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.val_fraction=0", "callbacks.test_ckpt=last", "scheduler=plateau",
                    "scheduler.monitor=train/loss_epoch", "scheduler.mode=min", "trainer.max_epochs=1")
     assert train(cfg)["epochs"] == 1
 
 
 def test_bad_images_within_budget_are_listed(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", bad=2)
-    summary = train(tiny_cfg(tmp_path, root, "data.max_bad_images=2", "trainer.max_epochs=1"))
+    summary = train(tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.max_bad_images=2", "trainer.max_epochs=1"))
     assert summary["bad_images"] == 2
     listed = (tmp_path / "run" / "bad_images.txt").read_text()
     assert "corrupt000.png" in listed and "corrupt001.png" in listed
@@ -159,13 +155,13 @@ def test_bad_images_within_budget_are_listed(tmp_path, make_image_folder):
 def test_bad_images_over_budget_stop_the_run(tmp_path, make_image_folder):
     root = make_image_folder(tmp_path / "data", bad=3)
     with pytest.raises(TransferError) as err:
-        train(tiny_cfg(tmp_path, root, "data.max_bad_images=1", "trainer.max_epochs=1"))
+        train(tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.max_bad_images=1", "trainer.max_epochs=1"))
     assert "max_bad_images" in str(err.value)
 
 
 def test_unknown_backbone_lists_close_matches(tmp_path, tiny_imagefolder):
     with pytest.raises(TransferError) as err:
-        train(tiny_cfg(tmp_path, tiny_imagefolder, "model.backbone=resnet5O"))
+        train(tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "model.backbone=resnet5O"))
     assert "resnet50" in str(err.value)
 
 
@@ -173,14 +169,14 @@ def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path, make_image_folde
     root = make_image_folder(tmp_path / "data")
     victim = sorted((root / "train" / "cat").glob("*.png"))[0]
     victim.write_bytes(victim.read_bytes()[:80])  # header intact, pixels cut off: fails only when decoded
-    summary = train(tiny_cfg(tmp_path, root, "data.batch_size=1", "trainer.max_epochs=1", "augmentation=light"))
+    summary = train(tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.batch_size=1", "trainer.max_epochs=1", "augmentation=light"))
     assert summary["bad_images"] == 1 and summary["epochs"] == 1
     assert victim.name in (tmp_path / "run" / "bad_images.txt").read_text()
 
 
 def test_fine_tune_survives_a_last_training_batch_of_one_image(tmp_path, tiny_imagefolder):
     # 16 training images in batches of 5: the last batch would hold one image, which BatchNorm cannot train on.
-    summary = train(tiny_cfg(tmp_path, tiny_imagefolder, "transfer=fine_tune", "data.batch_size=5",
+    summary = train(tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=fine_tune", "data.batch_size=5",
                              "trainer.max_epochs=1", "augmentation=none"))
     assert summary["epochs"] == 1
     ckpt = load_ckpt(summary["last_checkpoint"])

@@ -8,7 +8,8 @@ import timm
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback
-from test_train import BACKBONE, tiny_cfg
+from conftest import tiny_cfg
+from test_train import BACKBONE, TWO_EPOCHS
 
 from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.config.schema import OptimizerConfig, TransferConfig
@@ -83,7 +84,7 @@ def test_partial_two_stages_of_an_efficientnet_freezes_stem_and_first_two_blocks
 
 
 def test_partial_moves_exactly_the_unfrozen_stages(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=partial", "transfer.freeze_stages=2",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=partial", "transfer.freeze_stages=2",
                    "transfer.freeze=[conv_head]", "augmentation=none", "optimizer.lr=0.05")
     run, states = fit_with_snapshots(cfg)
     stages = {s.name: s for s in run.model.stages}
@@ -100,7 +101,7 @@ def test_partial_moves_exactly_the_unfrozen_stages(tmp_path, tiny_imagefolder):
 
 
 def test_gradual_unfreeze_moves_a_stage_only_after_its_milestone(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=gradual_unfreeze", "transfer.unfreeze={0:head,1:[stage-1],2:all}",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=gradual_unfreeze", "transfer.unfreeze={0:head,1:[stage-1],2:all}",
                    "transfer.layer_decay=null", "augmentation=none", "trainer.max_epochs=3", "optimizer.lr=0.05")
     run, states = fit_with_snapshots(cfg)
     stages = run.model.stages
@@ -117,7 +118,7 @@ def test_gradual_unfreeze_moves_a_stage_only_after_its_milestone(tmp_path, tiny_
 
 
 def test_layer_decay_with_partial_freezing_gives_each_stage_its_scale(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=partial", "transfer.freeze_stages=2",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=partial", "transfer.freeze_stages=2",
                    "transfer.layer_decay=0.5", "transfer.backbone_lr_scale=0.8", "optimizer.lr=0.01",
                    "scheduler=cosine", "scheduler.warmup_epochs=1", "trainer.max_epochs=2")
     run, _ = fit_with_snapshots(cfg)
@@ -144,7 +145,7 @@ def test_layer_decay_with_partial_freezing_gives_each_stage_its_scale(tmp_path, 
 
 
 def test_bn_train_policy_updates_statistics_of_frozen_stages_only(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "transfer=partial", "transfer.freeze_stages=2", "transfer.bn=train",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=partial", "transfer.freeze_stages=2", "transfer.bn=train",
                    "augmentation=none", "trainer.max_epochs=1")
     run, states = fit_with_snapshots(cfg)
     stem = run.model.stages[0]
@@ -191,7 +192,7 @@ def test_milestones_compose_from_the_command_line():
 
 
 def test_feature_combination_concatenates_backbones_and_stages(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "model.backbones=[test_efficientnet,test_resnet]",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "model.backbones=[test_efficientnet,test_resnet]",
                    "model.feature_stages=[-1,-2]", "transfer=feature_extract", "augmentation=none",
                    "trainer.max_epochs=2", "optimizer.lr=0.05")
     run, states = fit_with_snapshots(cfg)
@@ -209,7 +210,7 @@ def test_feature_combination_concatenates_backbones_and_stages(tmp_path, tiny_im
 
 
 def test_feature_combination_can_fine_tune_one_stage_of_each_backbone(tmp_path, tiny_imagefolder):
-    cfg = tiny_cfg(tmp_path, tiny_imagefolder, "model.backbones=[test_efficientnet,test_resnet]",
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "model.backbones=[test_efficientnet,test_resnet]",
                    "transfer=gradual_unfreeze", "transfer.unfreeze={0:head,1:[stage-1]}", "augmentation=none",
                    "trainer.max_epochs=2", "optimizer.lr=0.05")
     run, states = fit_with_snapshots(cfg)

@@ -87,7 +87,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
 
 
 def _help() -> str:
-    from transfer_cli.config.compose import config_groups
+    from transfer_cli.config.folders import config_groups
 
     lines = [f"transfer {__version__}: transfer learning of image classifiers with timm, Lightning and Hydra.", ""]
     lines.append("usage: transfer <command> [overrides...]")

@@ -42,7 +42,7 @@ def _train_task(cfg: Any) -> Any:
 def run_train_app(args: list[str]) -> None:
     import hydra
 
-    from transfer_cli.config.compose import config_dir
+    from transfer_cli.config.folders import config_dir
     from transfer_cli.config.schema import register_configs
 
     check_plugins(args)

@@ -62,7 +62,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """`key=value` and `group=option` overrides (Hydra's grammar) on a config restored from a checkpoint."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from transfer_cli.config.compose import config_dir, config_groups
+    from transfer_cli.config.folders import config_dir, config_groups
     from transfer_cli.config.schema import TrainConfig
 
     try:  # typed, so data.batch_size=abc fails here; a config from another version may not fit the schema

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from transfer_cli.config.folders import config_groups
 from transfer_cli.errors import TransferError, close_matches
 
 # key -> the config group whose option names are its allowed values
@@ -44,8 +45,6 @@ ENUMS = {
 
 def choices() -> dict[str, list[str]]:
     """Every choice key and its allowed values."""
-    from transfer_cli.config.compose import config_groups
-
     groups = config_groups()
     out = {key: groups[group] + list(ALIASES.get(key, ())) for key, group in GROUP_CHOICES.items()}
     out.update({key: list(values) for key, values in ENUMS.items()})

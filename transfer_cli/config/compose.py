@@ -6,38 +6,14 @@ Everything here imports only Hydra/OmegaConf, so a mistyped override fails in we
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import typing
-from pathlib import Path
 from typing import Any, Iterable
 
+from transfer_cli.config.folders import config_dir, config_groups
 from transfer_cli.config.schema import TrainConfig, register_configs
 from transfer_cli.errors import TransferError, close_matches
 
 SKIPPED_GROUPS = {"hydra"}  # Hydra's own group: its keys are Hydra's business
-
-
-def config_dir() -> Path:
-    """configs/ of a source checkout, or the copy shipped inside the wheel as transfer_cli/configs."""
-    spec = importlib.util.find_spec("transfer_cli.configs")
-    if spec is not None and spec.submodule_search_locations:
-        found = Path(list(spec.submodule_search_locations)[0])
-        if (found / "train.yaml").is_file():
-            return found
-    checkout = Path(__file__).resolve().parents[2] / "configs"
-    if (checkout / "train.yaml").is_file():
-        return checkout
-    raise TransferError("the configs folder is missing from this installation", "reinstall: pip install transfer-cli")
-
-
-def config_groups() -> dict[str, list[str]]:
-    """Each config group and its options, read from the folder names and YAML files."""
-    root = config_dir()
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(root.iterdir())
-        if d.is_dir() and not d.name.startswith(("_", ".")) and any(d.glob("*.yaml"))
-    }
 
 
 def _suggest(word: str, candidates: Iterable[str]) -> str:

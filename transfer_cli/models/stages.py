@@ -17,6 +17,8 @@ from torch import nn
 from transfer_cli.errors import TransferError
 
 STEM = "stem"
+# Every BatchNorm that keeps running statistics (timm's BatchNormAct2d subclasses BatchNorm2d).
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.errors import TransferError
+from transfer_cli.models.stages import BATCH_NORMS
 
 _MAX_LISTED = 8
 
@@ -87,7 +88,7 @@ def _bn_modes(params: List[str], modules: Dict[str, nn.Module]) -> List[str]:
     return [
         "train" if modules[o].training else "eval"
         for o in owners
-        if o in modules and isinstance(modules[o], nn.modules.batchnorm._BatchNorm)
+        if o in modules and isinstance(modules[o], BATCH_NORMS)
     ]
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Set
 from torch import nn
 
 from transfer_cli.errors import TransferError
-from transfer_cli.models.stages import Stage, resolve_stage_refs
+from transfer_cli.models.stages import BATCH_NORMS, Stage, resolve_stage_refs
 
 FOREVER = 10**9  # an epoch after every milestone: the set of parameters that ever train
 
@@ -181,6 +181,6 @@ def frozen_norms(backbone: nn.Module) -> List[nn.Module]:
         return [backbone]
     return [
         module for module in backbone.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        if isinstance(module, BATCH_NORMS)
         and not any(p.requires_grad for p in module.parameters(recurse=False))
     ]
