@@ -320,3 +320,15 @@ def test_sigterm_saves_a_resumable_checkpoint_and_prints_the_command(tmp_path, r
     diff = max_abs_diff(reference, weights(run / "checkpoints" / "last.ckpt"))
     print(f"SIGTERM after step {stopped_at} of 24: exit 143, resumed, max abs weight diff {diff}")
     assert diff == 0.0
+
+
+def test_a_resume_reads_its_checkpoint_from_disk_once(tmp_path, tiny_imagefolder, monkeypatch):
+    """The plan, the fingerprint check, the metrics log and Lightning's restore share one read."""
+    train(compose(overrides(tiny_imagefolder, tmp_path / "run", "trainer.max_epochs=1", "augmentation=none")))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(Path(f)) or real_load(f, *a, **k))
+    resumed = train(plan_resume(str(tmp_path / "run"), ["trainer.max_epochs=2"]).config)
+    assert resumed["epochs"] == 2
+    assert reads.count(last) == 1
