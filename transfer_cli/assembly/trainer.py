@@ -18,6 +18,7 @@ from transfer_cli.resume.checkpoint_io import AtomicCheckpointIO
 from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, checkpoint_step
 from transfer_cli.resume.replay import ResumePoint, SeedEveryBatch
 from transfer_cli.resume.signals import GracefulStop
+from transfer_cli.resume.step_checkpoint import StepCheckpoint
 from transfer_cli.tracking.csv_logger import MetricsCSV
 from transfer_cli.training.ema import EMA
 
@@ -40,12 +41,12 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, 
     if cb.save_last:
         callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
-    if cb.checkpoint_every_n_steps > 0:  # long epochs: last.ckpt also every N optimizer steps
-        callbacks.append(ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
-                                         every_n_train_steps=cb.checkpoint_every_n_steps, enable_version_counter=False))
     # Resumability: per-batch RNG seeds from (seed, epoch, batch), where an interrupted epoch stopped, and
     # SIGTERM/SIGINT -> a resumable last.ckpt.
     callbacks += [SeedEveryBatch(int(cfg.seed)), resume_point, GracefulStop(checkpoints / "last.ckpt")]
+    if cb.checkpoint_every_n_steps > 0:  # long epochs: last.ckpt also every N optimizer steps
+        # after resume_point in the list: its batch count must include the batch just trained when this saves
+        callbacks.append(StepCheckpoint(checkpoints / "last.ckpt", cb.checkpoint_every_n_steps))
     if cb.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
     if cb.rich_progress and cfg.trainer.enable_progress_bar:

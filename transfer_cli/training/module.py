@@ -91,15 +91,21 @@ class TransferModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
-    # The freeze state is re-derived from (epoch, config) at fit start and every epoch start, never carried over.
+    # The freeze state is re-derived from (epoch, config), never carried over: at fit start (for the sanity
+    # check), at train start, and at every epoch start. Train start matters for a resumed run: Lightning calls
+    # on_fit_start before it restores the epoch, and skips on_train_epoch_start for an epoch it restarts in the
+    # middle, so train start is the one hook that sees the restored epoch before its first batch.
     def on_fit_start(self) -> None:
         self.freeze.apply(self.model, self.current_epoch)
         self._audited = None
 
-    def on_train_epoch_start(self) -> None:
+    def _apply_freeze(self) -> None:
         trainable = frozenset(self.freeze.apply(self.model, self.current_epoch))
         if trainable != self._audited:  # the first epoch of this fit, and each milestone
             self._audit(trainable)
+
+    def on_train_epoch_start(self) -> None:
+        self._apply_freeze()
 
     def _audit(self, trainable: frozenset) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
@@ -121,6 +127,7 @@ class TransferModule(pl.LightningModule):
         # The run's length is known now (and a resume has restored its step): the LR follows the schedule of the
         # config as it is now, also when trainer.max_epochs was extended.
         self.schedule.start(self.trainer)
+        self._apply_freeze()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_block
