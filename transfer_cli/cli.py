@@ -107,13 +107,25 @@ def _help() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `transfer --help | head`: the reader left; nothing more to say, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail again
+        sys.exit(1)
+
+
+def _main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_help())
         return
     if argv[0] in ("-V", "--version"):
         print(f"transfer {__version__}")
         return
-    command, rest = argv[0], argv[1:]
+    from transfer_cli.config.args import expand_home
+
+    command, rest = argv[0], [expand_home(a) for a in argv[1:]]
     try:
         if command not in COMMANDS:
             from transfer_cli.errors import close_matches
@@ -126,6 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[command][1](rest)
     except TransferError as err:
         print_error(err)
+        sys.exit(2)
+    except OSError as err:  # a full disk, a read-only folder: the user's to fix, not a bug
+        from transfer_cli.errors import from_os_error
+
+        user_error = from_os_error(err)
+        if user_error is None:
+            raise
+        print_error(user_error)
         sys.exit(2)
 
 

@@ -13,25 +13,38 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_INT, Option, parse_command_args
+from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_INT, Option, parse_command_args, take_run_dir
+from transfer_cli.outputs import output_file
 from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.errors import TransferError
 
 PAIRS_PER_ROW = 4
 
 
+DEFAULT_NAME = "augment_preview.png"
+FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what matplotlib writes
 OPTIONS = {
     "n": Option(POSITIVE_INT, 16, help="a positive number of samples"),
-    "output": Option(str, "augment_preview.png", help="the PNG file to write", example="augment_preview.png"),
+    "output": Option(str, None, help="the image to write (a folder: <folder>/augment_preview.png)",
+                     example=DEFAULT_NAME),
 }
 
 
 def parse_args(args: list[str]) -> tuple[int, Path, list[str]]:
-    """(n, output, the remaining Hydra overrides); `n=` and `output=` belong to this command, not the config."""
+    """(n, output, the remaining Hydra overrides); `n=` and `output=` belong to this command, not the config;
+    hydra.run.dir=DIR means DIR/augment_preview.png."""
+    run_dir, args = take_run_dir(args)
     values, overrides = parse_command_args("augment-preview", args, OPTIONS, ANY_OVERRIDE)
-    if not values["output"]:
-        raise TransferError("output= names no file", "use e.g. output=augment_preview.png")
-    return int(values["n"]), Path(values["output"]).expanduser(), overrides
+    if values["output"] == "":
+        raise TransferError("output= names no file", f"use e.g. output={DEFAULT_NAME}")
+    chosen = values["output"] or run_dir or DEFAULT_NAME
+    if Path(chosen).suffix.lower() not in FORMATS and not Path(chosen).expanduser().is_dir() and chosen != run_dir:
+        raise TransferError(f"output={chosen}: an image file is written ({', '.join(FORMATS)})",
+                            f"output={Path(chosen).with_suffix('.png')}")
+    if run_dir is not None and not values["output"]:
+        Path(run_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    output = output_file(chosen, DEFAULT_NAME, ours=lambda p: p.suffix.lower() in FORMATS)
+    return int(values["n"]), output, overrides
 
 
 def _display(image: Any, mean: Any, std: Any) -> Any:

@@ -18,6 +18,7 @@ from transfer_cli.errors import TransferError
 from transfer_cli.reporting import print_config_tree, print_summary
 from transfer_cli.resume.checkpoints import CHECKPOINT_DIR
 from transfer_cli.resume.fit import fit
+from transfer_cli.run_dir import claim, held_dirs, is_child_rank, release
 
 log = logging.getLogger("transfer_cli")
 
@@ -59,8 +60,18 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
                             "run it with `transfer train ...`, or set paths.output_dir=<folder>")
     run_dir = Path(typed.paths.output_dir).expanduser().resolve()
     typed.paths.output_dir = str(run_dir)  # resolved once: checkpoints and config.yaml carry the real path
+    owned = not is_child_rank() and run_dir not in held_dirs()
+    if owned:  # the run owns its dir while it trains (the CLI took it already, before Hydra wrote into it)
+        claim(run_dir, resuming=bool(typed.resume))
+    try:
+        return _train(typed, run_dir, started)
+    finally:
+        if owned:
+            release(run_dir)
+
+
+def _train(typed: TrainConfig, run_dir: Path, started: float) -> dict:
     print_config_tree(typed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(typed), run_dir / "config.yaml")
 
     run = build_run(typed, run_dir)

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.atomic import atomic_write_json
-from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_FLOAT, POSITIVE_INT, Option, parse_command_args
+from transfer_cli.config.args import (
+    ANY_OVERRIDE, POSITIVE_FLOAT, POSITIVE_INT, Option, parse_command_args, take_run_dir,
+)
 from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
@@ -117,11 +119,15 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
 
 def lr_find_command(args: list[str]) -> None:
     from transfer_cli.config.compose import compose
+    from transfer_cli.outputs import output_dir
+    from transfer_cli.run_dir import fresh_dir
 
+    run_dir, args = take_run_dir(args)
     options, overrides = split_options(args)
     cfg = compose(overrides)  # checks the overrides first, with did-you-mean
-    out_dir = Path(options.output or Path("outputs") / "lr_find" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    result = find_lr(cfg, out_dir.expanduser().resolve(), options)
+    chosen = options.output or run_dir
+    out_dir = output_dir(chosen) if chosen else Path(fresh_dir(f"outputs/lr_find/{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
+    result = find_lr(cfg, out_dir.resolve(), options)
     print(f"loss vs learning rate: {result.plot}")
     if result.override is None:
         print("no suggestion: too few finite losses (more data, or a larger num_training / max_lr range)")

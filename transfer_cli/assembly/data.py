@@ -90,6 +90,8 @@ def cached_views(cfg: TrainConfig) -> int:
 def cache_plan(cfg: TrainConfig) -> tuple[bool, str]:
     """(whether the head trains on cached backbone features, why)."""
     t = cfg.transfer
+    if cfg.trainer.fast_dev_run and t.cache_features != "true":  # one batch means one batch, not every image's features
+        return False, "off: trainer.fast_dev_run runs one batch (transfer.cache_features=true caches anyway)"
     return feature_cache_plan(t.cache_features, t.mode, t.bn, cfg.augmentation.name, cached_views(cfg), t.cache_dir)
 
 

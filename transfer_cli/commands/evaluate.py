@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.errors import TransferError
+from transfer_cli.outputs import output_dir
 
 log = logging.getLogger("transfer_cli")
 
@@ -146,9 +147,10 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
     from transfer_cli.plots import CONFUSION_NAME, write_confusion_matrix, write_label_matrices
 
     started = time.time()
+    chosen_dir = output_dir(output) if output else None  # refused before any work
     restored = restore(ckpt, overrides)
     cfg, names = restored.cfg, restored.class_names
-    out_dir = Path(output).expanduser().resolve() if output else restored.run_dir / "eval"
+    out_dir = chosen_dir or restored.run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = _remap(discover(cfg.data, restored.task), names)
     splits, split_name = _choose_split(splits, split)

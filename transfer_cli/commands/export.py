@@ -21,6 +21,7 @@ from typing import Any
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.args import POSITIVE_FLOAT, Option, parse_command_args
 from transfer_cli.errors import TransferError
+from transfer_cli.outputs import output_file
 
 log = logging.getLogger("transfer_cli")
 
@@ -32,7 +33,8 @@ CHECK_BATCHES = (1, 3)  # neither is the batch size exported with, so the check 
 OPTIONS = {
     "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
     "format": Option(str, "onnx", help="onnx or torchscript", choices=FORMATS),
-    "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx)", example="model.onnx"),
+    "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx; a folder: "
+                                     "<folder>/model.onnx)", example="model.onnx"),
     "atol": Option(POSITIVE_FLOAT, 1e-4, help="a positive tolerance on the largest absolute logit difference"),
 }
 EXPORT_EXTRA = 'pip install "transfer-cli[export]"  (or: pip install onnx onnxscript onnxruntime)'
@@ -160,11 +162,17 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
 
     from transfer_cli.commands.restore import restore
 
+    from transfer_cli.resume.checkpoints import resolve_checkpoint, run_dir_of
+
     if format not in FORMATS:
         raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
-    restored = restore(ckpt)
+    source = resolve_checkpoint(ckpt)
+    default = run_dir_of(source) / "export" / DEFAULT_NAMES[format]
+    # Before any work: never over the checkpoint or a file that is not an earlier export (which has its sidecar).
+    path = output_file(output or default, DEFAULT_NAMES[format], inputs=[source],
+                       ours=lambda p: p.with_name(p.name + ".json").is_file())
+    restored = restore(source)
     model = restored.model.float().eval()
-    path = Path(output).expanduser().resolve() if output else restored.run_dir / "export" / DEFAULT_NAMES[format]
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = export_metadata(restored)
     write, run = (export_onnx, run_onnx) if format == "onnx" else (export_torchscript, run_torchscript)

@@ -8,9 +8,9 @@ others are still predicted). Preprocessing and eval.tta are the checkpoint's, as
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass, field
-import io
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,14 +18,16 @@ from typing import Any, Sequence
 from transfer_cli.atomic import atomic_write_text
 from transfer_cli.config.args import POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
+from transfer_cli.outputs import output_file
 
 log = logging.getLogger("transfer_cli")
+DEFAULT_NAME = "predictions.csv"
 
 OPTIONS = {
     "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
     "input": Option(str, required=True, help="an image, a folder of images, or a CSV with a path column",
                     example="images/"),
-    "output": Option(str, "predictions.csv", help="the CSV to write"),
+    "output": Option(str, "predictions.csv", help="the CSV to write (a folder: <folder>/predictions.csv)"),
     "topk": Option(POSITIVE_INT, 3, help="a positive number of labels per row"),
 }
 OVERRIDES = ("eval.", "multilabel_threshold", "data.batch_size", "data.eval_batch_size", "data.num_workers",
@@ -80,6 +82,7 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
     from transfer_cli.training.tta import tta_forward
 
     paths = list_inputs(source)
+    output = output_file(output, DEFAULT_NAME, inputs=[source, *paths], ours=_is_predictions)  # before any work
     restored = restore(ckpt, overrides)
     cfg, names, task = restored.cfg, restored.class_names, restored.task
     k = min(int(topk), len(names))
@@ -112,9 +115,21 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
     if bad:
         log.warning("%d unreadable image(s), listed in %s (column error):\n%s", len(bad), output,
                     "\n".join(f"    {p}: {r}" for p, r in bad))
-    result = PredictResult(Path(output).expanduser(), [r for r in rows if r is not None], bad)
+    if len(bad) == len(paths):
+        raise TransferError(f"none of the {len(paths)} image(s) could be read (first: {bad[0][0]}: {bad[0][1]})",
+                            "check the input: JPEG, PNG and the other formats Pillow reads")
+    result = PredictResult(Path(output), [r for r in rows if r is not None], bad)
     _write_csv(result.output, result.rows, k)
     return result
+
+
+def _is_predictions(path: Path) -> bool:
+    """A CSV this command wrote (its header), which a new prediction may replace."""
+    try:
+        with open(path, newline="") as f:
+            return f.readline().startswith("path,label,probability")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _row(path: str, pred: Any, names: Sequence[str], task: str, k: int) -> dict:

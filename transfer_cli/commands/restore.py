@@ -135,6 +135,9 @@ def restore(ref: str | Path, overrides: Sequence[str] = (), prefer: str = "best"
     meta = checkpoint_meta(ckpt, path)
     if "state_dict" not in ckpt:
         raise TransferError(f"{path} holds no state_dict", "pass a checkpoint written by `transfer train`")
+    from transfer_cli.training.finite import check_weights
+
+    check_weights(ckpt["state_dict"], str(path))  # a diverged run's weights predict nothing
     cfg = as_schema(apply_overrides(checkpoint_config(ckpt), overrides))
     model = build_model(cfg, meta, ckpt["state_dict"], path)
     forget_checkpoint()  # the weights are in the model now

@@ -48,6 +48,30 @@ def _override_key(arg: str) -> str:
 ANY_OVERRIDE: Optional[Sequence[str]] = None  # override_prefixes for commands that compose a whole run config
 
 
+def take_run_dir(overrides: list[str]) -> tuple[Optional[str], list[str]]:
+    """(hydra.run.dir=X's X, the other overrides): commands that compose a run's config (lr-find,
+    augment-preview) write where `transfer train` would, when told with Hydra's own key."""
+    found, rest = None, []
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" and "=" in o:
+            found = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    return found, rest
+
+
+def expand_home(arg: str) -> str:
+    """`key=~/x` as `key=/home/me/x`: a shell does not expand `~` after `=`, and Hydra's grammar rejects it.
+    Each value of a sweep (`key=~/a,~/b`) likewise; `~key` (Hydra's delete) is left alone."""
+    import os
+
+    key, sep, value = arg.partition("=")
+    if not sep or "~" not in value:
+        return arg
+    parts = [os.path.expanduser(p) if p == "~" or p.startswith("~/") else p for p in value.split(",")]
+    return f"{key}={','.join(parts)}"
+
+
 def _allowed(key: str, prefixes: Optional[Sequence[str]]) -> bool:
     if prefixes is None:
         return True
@@ -114,4 +138,4 @@ def _example(options: dict[str, Option]) -> str:
     return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required) or "key=value"
 
 
-__all__ = ["Option", "parse_command_args", "POSITIVE_INT", "POSITIVE_FLOAT", "ANY_OVERRIDE"]
+__all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "ANY_OVERRIDE"]

@@ -54,21 +54,29 @@ def check_overrides(overrides: list[str]) -> None:
     Types are left to OmegaConf, whose messages already name the key and the expected type.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
+    from hydra.core.override_parser.types import Glob, OverrideType
     from hydra.errors import HydraException
 
     candidates = [o for o in overrides if "=" in o and not o.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(candidates)
     except HydraException as e:
-        raise TransferError(f"could not parse the overrides: {e}", "write them as key=value, e.g. optimizer.lr=1e-3")
+        raise TransferError(f"could not parse the overrides: {str(e).splitlines()[0]}",
+                            "write them as key=value; quote a value with spaces or special characters for Hydra "
+                            "and the shell, e.g. 'data.root=\"/my data/images\"'")
     groups = config_groups()
     for ov in parsed:
         key = ov.key_or_group
         if key.split(".")[0].split("/")[0] in SKIPPED_GROUPS or ov.type == OverrideType.DEL:
             continue
         if key in groups:
-            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.value()]
+            value = ov.value()
+            if isinstance(value, Glob):  # glob(*): Hydra matches it against the group's options itself
+                if not value.filter(groups[key]):
+                    raise TransferError(f"{ov.input_line} matches no option of config group '{key}'",
+                                        f"the options are: {', '.join(groups[key])}")
+                continue
+            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [value]
             for value in values:
                 if value is None or str(value) == "null":
                     raise TransferError(f"'{key}=null' does not remove a config group", f"write ~{key} instead")
@@ -106,8 +114,8 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> A
 
 def as_schema(cfg: Any) -> TrainConfig:
     """The config as the schema's dataclasses: plain, typed Python values, every interpolation resolved, every
-    default the schema's. A TrainConfig passes through; a DictConfig (composed, or restored from a checkpoint
-    written by this or an earlier version) is merged onto the schema first."""
+    default the schema's, every value in range (config/checks.py). A TrainConfig passes through; a DictConfig
+    (composed, or restored from a checkpoint written by this or an earlier version) is merged onto the schema."""
     if isinstance(cfg, TrainConfig):
         return cfg
     from omegaconf import OmegaConf
@@ -124,4 +132,7 @@ def as_schema(cfg: Any) -> TrainConfig:
         raise TransferError(f"the config does not fit the schema: {str(e).splitlines()[0]}",
                             "check the overrides against `transfer train --help`")
     assert isinstance(typed, TrainConfig)
+    from transfer_cli.config.checks import check_values
+
+    check_values(typed)
     return typed

@@ -167,8 +167,9 @@ class ImageDataModule(pl.LightningDataModule):
         preprocessing, in a fixed order, for precomputing frozen-backbone features."""
         samples = self.samples(split)
         if not samples:
+            fraction = "data.test_fraction=0.1" if split == "test" else "data.val_fraction=0.2"
             raise TransferError(f"the data set has no {split} split",
-                                "add a test/ folder (or split=test rows), or set data.test_fraction=0.1")
+                                f"add a {split}/ folder (or split={split} rows), or set {fraction}")
         dataset, sampler = self.dataset(split, augment), None
         if shuffle:  # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
             base = train_sampler(self.loading.sampler, [s[1] for s in samples], self.loading.seed)
@@ -194,8 +195,9 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", augment=True, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val", augment=False)
+    def val_dataloader(self) -> Any:
+        # No validation split (data.val_fraction=0): no loader, even when a debug preset asks for val batches.
+        return self.loader("val", augment=False) if self.samples("val") else []
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test", augment=False)

@@ -221,7 +221,11 @@ class FeatureDataModule(pl.LightningDataModule):
         sampler = ResumableSampler(sampler, resume_start=self._batches_to_draws)
         return make_loader(data, self.batch_size, sampler=sampler, seed=self.loading.seed, pin_memory=False)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> Any:
+        self.setup()
+        assert self.features is not None
+        if "val" not in self.features.tensors:  # no validation split (data.val_fraction=0)
+            return []
         return make_loader(self._split("val"), self.eval_batch_size, pin_memory=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -6,6 +6,7 @@ a large dataset stays cheap and a broken image never stops it.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Dict, List
@@ -13,8 +14,10 @@ from typing import Dict, List
 from transfer_cli.data.splits import SPLIT_ALIASES, DataSplits, split_fractions, split_samples
 from transfer_cli.errors import TransferError
 
-# torchvision's IMG_EXTENSIONS, copied so discovery does not import torchvision.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision's IMG_EXTENSIONS (copied so discovery does not import torchvision), and GIF, which PIL reads too
+# (its first frame).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+log = logging.getLogger("transfer_cli")
 
 
 def _is_hidden(name: str) -> bool:
@@ -22,13 +25,39 @@ def _is_hidden(name: str) -> bool:
 
 
 def list_images(folder: Path) -> List[str]:
-    """Every image file under `folder`, recursively, sorted; hidden files and folders skipped."""
+    """Every image file under `folder`, recursively, sorted; hidden files and folders skipped.
+
+    Links are followed within `folder` only, and no file is listed twice: a link back up the tree (a cycle) or
+    to a folder elsewhere (another class's images, say) is skipped and reported, as is a second path to a file.
+    """
+    top = os.path.realpath(folder)
+    seen_dirs, seen_files, skipped = {top}, set(), []
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))  # in place: os.walk then skips them
+        keep = []
+        for d in sorted(d for d in dirnames if not _is_hidden(d)):
+            path = os.path.join(dirpath, d)
+            real = os.path.realpath(path)
+            if real in seen_dirs:
+                skipped.append(f"{path} -> {real} (already listed: a link loop or a second link)")
+            elif real != top and not real.startswith(top + os.sep):
+                skipped.append(f"{path} -> {real} (outside {folder})")
+            else:
+                seen_dirs.add(real)
+                keep.append(d)
+        dirnames[:] = keep  # in place: os.walk then descends only into these
         for name in sorted(filenames):
-            if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS):
-                found.append(os.path.join(dirpath, name))
+            if _is_hidden(name) or not name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real in seen_files:
+                skipped.append(f"{path} (the same file as another path already listed)")
+                continue
+            seen_files.add(real)
+            found.append(path)
+    if skipped:
+        log.warning("%d linked path(s) under %s not followed:\n    %s", len(skipped), folder, "\n    ".join(skipped))
     return found
 
 
@@ -45,6 +74,24 @@ def _class_folders(folder: Path) -> Dict[str, List[str]]:
     return classes
 
 
+def _one_label_per_file(per_split: Dict[str, Dict[str, List[str]]]) -> None:
+    """A file reached from two class folders (or two splits) through links would train as two things at once."""
+    owners: Dict[str, str] = {}
+    clashes = []
+    for split, folders in per_split.items():
+        for name, paths in folders.items():
+            for path in paths:
+                place = f"{split}/{name}" if split else name
+                real = os.path.realpath(path)
+                if real in owners and owners[real] != place:
+                    clashes.append(f"{real} in {owners[real]} and in {place}")
+                owners.setdefault(real, place)
+    if clashes:
+        shown = "\n    ".join(clashes[:10]) + (f"\n    ... and {len(clashes) - 10} more" if len(clashes) > 10 else "")
+        raise TransferError(f"{len(clashes)} image file(s) sit in two class folders or splits (through links):\n"
+                            f"    {shown}", "keep each image in one class folder of one split; remove the links")
+
+
 def from_imagefolder(root_dir: str | None, val_fraction: float, test_fraction: float, split_seed: int) -> DataSplits:
     """The class folders under `root_dir`; val (and test) drawn from train/ when the folder has no such split."""
     if not root_dir:
@@ -58,6 +105,7 @@ def from_imagefolder(root_dir: str | None, val_fraction: float, test_fraction: f
     if "train" in split_dirs:
         layout = "train/" + "".join(f", {s}/" for s in ("val", "test") if s in split_dirs)
         per_split = {s: _class_folders(d) for s, d in split_dirs.items()}
+        _one_label_per_file(per_split)
         class_names = sorted(per_split["train"])
         for s, folders in per_split.items():
             extra = sorted(set(folders) - set(class_names))
@@ -76,6 +124,7 @@ def from_imagefolder(root_dir: str | None, val_fraction: float, test_fraction: f
             test = test or drawn_test
     else:
         folders = _class_folders(root)
+        _one_label_per_file({"": folders})
         if not folders:
             raise TransferError(
                 f"no class subfolders under {root}",

@@ -36,6 +36,7 @@ def from_csv(csv_path: str | None, multilabel: bool, label_sep: str, val_fractio
                 )
         has_split = "split" in header
         rows = []
+        lines: List[int] = []  # the CSV line of each row, for messages
         missing = []
         for line, row in enumerate(reader, start=2):  # line 1 is the header
             img = (row.get(header["path"]) or "").strip()
@@ -55,6 +56,7 @@ def from_csv(csv_path: str | None, multilabel: bool, label_sep: str, val_fractio
             if not full.is_file():
                 missing.append(f"line {line}: {full}")
             rows.append((str(full), label, split))
+            lines.append(line)
     if missing:
         shown = "\n    ".join(missing[:20]) + (f"\n    ... and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise TransferError(
@@ -63,6 +65,7 @@ def from_csv(csv_path: str | None, multilabel: bool, label_sep: str, val_fractio
         )
     if not rows:
         raise TransferError(f"{path} lists no images", "add rows: path,label[,split]")
+    _each_image_once(rows, lines, path)
     fractions = split_fractions(val_fraction, test_fraction, True)
     if multilabel:
         return _label_sets(rows, has_split, label_sep, fractions, int(split_seed), path)
@@ -85,6 +88,26 @@ def from_csv(csv_path: str | None, multilabel: bool, label_sep: str, val_fractio
     for p, lab, s in rows:
         by_split[s].append((p, c2i[lab]))
     return DataSplits(class_names, by_split["train"], by_split["val"], by_split["test"], f"csv {path}")
+
+
+def _each_image_once(rows: List[Tuple[str, str, str]], lines: List[int], path: Path) -> None:
+    """An image listed twice trains twice or leaks into val/test (same file in two splits), or carries two
+    labels: each is an error naming the lines. The same file under two spellings counts as one."""
+    seen: Dict[str, List[Tuple[int, str, str]]] = {}
+    for (image, label, split), line in zip(rows, lines):
+        seen.setdefault(os.path.realpath(image), []).append((line, label, split))
+    repeated = {image: uses for image, uses in seen.items() if len(uses) > 1}
+    if not repeated:
+        return
+    problems = []
+    for image, uses in list(repeated.items())[:10]:
+        splits, labels = {u[2] for u in uses}, {u[1] for u in uses}
+        why = ("in two splits (" + ", ".join(sorted(splits)) + ")" if len(splits) > 1 else
+               "with different labels (" + ", ".join(sorted(labels)) + ")" if len(labels) > 1 else "twice")
+        problems.append(f"lines {', '.join(str(u[0]) for u in uses)}: {image} {why}")
+    more = f"\n    ... and {len(repeated) - 10} more" if len(repeated) > 10 else ""
+    raise TransferError(f"{path}: {len(repeated)} image(s) listed more than once:\n    " + "\n    ".join(problems) + more,
+                        "list each image once, with its one label (or label set) and one split")
 
 
 def _label_sets(rows: List[Tuple[str, str, str]], has_split: bool, label_sep: str, fractions: List[float],

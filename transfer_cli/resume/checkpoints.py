@@ -8,6 +8,7 @@ newest checkpoint that is still whole.
 from __future__ import annotations
 
 import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -94,15 +95,43 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise TransferError(f"no checkpoint at {path}", "pass an existing .ckpt file or a run dir")
     except Exception as e:  # truncated zip, not a torch file, or pickled objects weights_only refuses
-        raise TransferError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                            f"pass another checkpoint of the run, e.g. {run_dir_of(path) / CHECKPOINT_DIR}/best.ckpt, "
-                            "or the run dir to pick the newest readable one")
+        raise _unreadable(path, e) from None
     if not isinstance(ckpt, dict):
         raise TransferError(f"{path} is not a Lightning checkpoint", "pass a .ckpt written by `transfer train`")
     _LAST_READ.clear()
     if identity is not None:
         _LAST_READ[identity] = ckpt
     return ckpt
+
+
+def _unreadable(path: Path, err: Exception) -> TransferError:
+    """Why a checkpoint could not be read (naming any code it carries), and a checkpoint that can be."""
+    import pickle
+
+    import torch
+
+    if isinstance(err, pickle.UnpicklingError):
+        try:
+            carried = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not even a zip: fall through to the general message
+            carried = []
+        if carried:
+            why = (f"it holds pickled Python objects beyond tensors ({', '.join(carried)}), which are not loaded "
+                   "since they could run code; checkpoints of `transfer train` hold plain data only")
+            return TransferError(f"cannot read checkpoint {path}: {why}", _other_checkpoint(path) or
+                                 "if you trust the file, re-save it as plain data: "
+                                 "torch.save(torch.load(p, weights_only=False)['state_dict'], 'weights.pth') and "
+                                 "start a new run from it with model.weights=weights.pth")
+    detail = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    why = f"{type(err).__name__}: {detail[0][:300] if detail else ''}"
+    return TransferError(f"cannot read checkpoint {path} ({why}): it is cut short or not a checkpoint",
+                         _other_checkpoint(path) or "pass a checkpoint written by `transfer train`")
+
+
+def _other_checkpoint(path: Path) -> str | None:
+    """A fix naming another whole checkpoint of the same run, when there is one."""
+    others = [p for p in checkpoints_in(run_dir_of(path)) if p.resolve() != path.resolve() and is_whole(p)]
+    return f"pass another checkpoint of the run: {others[0]}" if others else None
 
 
 def forget_checkpoint() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from transfer_cli.atomic import leftover_temp_files
-from transfer_cli.resume.checkpoints import checkpoint_meta, read_checkpoint
+from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, checkpoint_meta, read_checkpoint
 from transfer_cli.resume.fingerprint import check_fingerprint
 from transfer_cli.resume.plan import resume_command
 from transfer_cli.resume.signals import SIGTERMException, exit_status, graceful_stop
@@ -41,6 +42,17 @@ def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, r
             print(f"\nstopped by signal ({status - 128}); {what}\nresume with: {resume_command(run_dir)}",
                   flush=True)
         raise SystemExit(status) from None
+    except (SystemExit, KeyboardInterrupt):
+        stop = graceful_stop(trainer)
+        if stop is None or not stop.aborted:
+            raise
+        # Ctrl+C twice: Lightning stopped at once (and exits 1); say so, and how to continue from the last save.
+        last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+        if trainer.is_global_zero:
+            hint = f"resume from the last checkpoint with: {resume_command(run_dir)}" if last.is_file() \
+                else "no checkpoint was saved yet"
+            print(f"\naborted by a second Ctrl+C, without saving; {hint}", flush=True)
+        raise SystemExit(exit_status(signal.SIGINT)) from None
 
 
 __all__ = ["fit"]

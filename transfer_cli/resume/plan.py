@@ -114,14 +114,25 @@ def load_resumable(ref: str | Path) -> tuple[Path, dict]:
     tried: list[str] = []
     for candidate in [first] + [p for p in checkpoints_in(path) if p.resolve() != first]:
         if not is_whole(candidate):
+            tried.append(f"{candidate.name}: cut short")
             continue
         try:
             return candidate.resolve(), read_checkpoint(candidate)
         except TransferError as err:
             log.warning("skipping %s: %s", candidate, err.message)
-            tried.append(str(candidate))
-    raise TransferError(f"no readable checkpoint in {path} (tried {', '.join(tried) or 'none'})",
-                        "start a new run; the run dir's checkpoints are all damaged")
+            tried.append(f"{candidate.name}: {err.message.split(': ', 1)[-1]}")
+    raise TransferError(f"no readable checkpoint in {path} ({'; '.join(tried) or 'none found'})",
+                        "start a new run (transfer train ... without resume=); a checkpoint that carries code can "
+                        "still seed one: model.weights=<that .ckpt> explains how")
+
+
+def _later_wins(overrides: list[str]) -> list[str]:
+    """Overrides with each key once, the last value kept (a command line that repeats a key is ambiguous)."""
+    by_key: dict[str, str] = {}
+    for o in overrides:
+        by_key.pop(o.split("=", 1)[0].lstrip("+"), None)
+        by_key[o.split("=", 1)[0].lstrip("+")] = o
+    return list(by_key.values())
 
 
 def _select_run(ref: str, selectors: list[str]) -> Path:
@@ -173,12 +184,14 @@ def plan_resume(ref: str, overrides: list[str]) -> ResumePlan:
     for ov in parsed:
         key = ov.key_or_group
         if ov.type == OverrideType.DEL or ov.is_sweep_override() or not _safe(key):
-            new_run = " ".join(shlex.quote(o) for o in [*original_overrides(run_dir), *rest])
+            new_run = " ".join(shlex.quote(o) for o in _later_wins([*original_overrides(run_dir), *rest]))
+            # The weights fit only the network they trained: a change to the model starts from scratch.
+            start = "" if key.startswith("model.") else f" model.weights={shlex.quote(str(ckpt))}"
+            what = "a new run" if start == "" else "a new run from its weights"
             raise TransferError(
                 f"'{key}' cannot change when resuming: a resumed run continues with the config it was trained with "
                 f"(it may change only {', '.join(SAFE_ON_RESUME)})",
-                f"start a new run from its weights instead: transfer train {new_run} model.weights={ckpt}".replace(
-                    "  ", " "),
+                f"start {what} instead: transfer train {new_run}{start}".replace("  ", " "),
             )
     cfg = checkpoint_config(content)
     cfg.paths.output_dir = str(run_dir)  # the run dir as it is now (it may have been moved or copied)

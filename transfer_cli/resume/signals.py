@@ -31,6 +31,7 @@ class GracefulStop(pl.Callback):
         self.checkpoint_path = Path(checkpoint_path)
         self.signum: Optional[int] = None  # the first stop signal received
         self.saved: Optional[Path] = None
+        self.aborted = False  # Ctrl+C twice: stopped at once, without a checkpoint
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning registered its SIGTERM handler (we chain to it) and before the first
@@ -46,11 +47,12 @@ class GracefulStop(pl.Callback):
 
         def on_sigint(signum: int, frame: Any) -> None:
             if self.signum is not None:
+                self.aborted = True
                 raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
             self.signum = signum
             log.warning("interrupted: finishing this batch and saving a checkpoint (Ctrl+C again: abort, no save)")
-            if callable(lightning_handler):
-                lightning_handler(signal.SIGTERM, frame)
+            if callable(lightning_handler):  # Lightning's stop flag (its log line says SIGTERM whatever the signal)
+                lightning_handler(signum, frame)
 
         signal.signal(signal.SIGTERM, on_sigterm)
         signal.signal(signal.SIGINT, on_sigint)

@@ -18,6 +18,7 @@ from torch import nn
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.checkpoints import CHECKPOINT_KEY
 from transfer_cli.training.audit import audit_rows, check_consistency, print_audit, write_audit
+from transfer_cli.training.finite import FiniteWatch, check_weights
 from transfer_cli.training.freezing import FreezePlan
 from transfer_cli.training.mixing import mix_batch
 from transfer_cli.training.schedules import LRSchedule
@@ -49,6 +50,7 @@ class TransferModule(pl.LightningModule):
         self.inputs = inputs
         self.channels_last = channels_last
         self.checkpoint_block = checkpoint_block or {}
+        self.finite = FiniteWatch()
         self._audited: Optional[frozenset] = None
 
     @property
@@ -83,7 +85,18 @@ class TransferModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if self.mixup is not None:
             batch = mix_batch(self.mixup, *batch)
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if loss is not None:
+            self.finite.observe(loss, self.global_step)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Read where Lightning syncs anyway (it logs every log_every_n_steps steps): no extra wait per step.
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.finite.check(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        self.finite.check(self.current_epoch)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -130,4 +143,7 @@ class TransferModule(pl.LightningModule):
         self._apply_freeze()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never a best.ckpt or last.ckpt of a diverged run: raising here stops the run before the file is written.
+        self.finite.check(self.current_epoch)
+        check_weights(checkpoint["state_dict"], f"the model at step {self.global_step}")
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_block
