@@ -22,6 +22,7 @@ from transfer_cli.data.manifest import from_csv
 from transfer_cli.data.samplers import ResumeStart
 from transfer_cli.data.splits import DataSplits, check_splits
 from transfer_cli.data.transforms import Transforms, build_transform, build_transforms
+from transfer_cli.assembly.model import compile_mode
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
 
@@ -61,7 +62,8 @@ def discover(data: DataConfig, task: str = "multiclass") -> DataSplits:
 def loader_settings(cfg: TrainConfig) -> LoaderSettings:
     data = cfg.data
     return LoaderSettings(batch_size=int(data.batch_size), eval_batch_size=int(data.eval_batch_size or 2 * data.batch_size),
-                          num_workers=resolve_num_workers(data.num_workers), sampler=data.sampler, seed=int(cfg.seed))
+                          num_workers=resolve_num_workers(data.num_workers), sampler=data.sampler, seed=int(cfg.seed),
+                          static_shapes=compile_mode(cfg.trainer.compile) is not None)
 
 
 def image_data(cfg: TrainConfig, splits: DataSplits, data_config: dict, bad_log: Optional[Path] = None,

@@ -180,8 +180,9 @@ class ImageDataModule(pl.LightningDataModule):
             sampler = ResumableSampler(base, keys=keys, resume_start=self._batches_to_draws)
         batch_size = self.batch_size if augment else self.eval_batch_size  # the batch-size Tuner sets these
         # A last training batch of one image breaks BatchNorm in train mode ("expected more than 1 value per
-        # channel"): drop just that one, never a larger remainder.
-        drop_last = bool(shuffle) and batch_size > 1 and len(samples) % batch_size == 1
+        # channel"): drop just that one, never a larger remainder, unless the batches must all have one shape.
+        drop_last = bool(shuffle) and batch_size > 1 and (
+            len(samples) % batch_size == 1 or (self.loading.static_shapes and len(samples) > batch_size))
         return make_loader(dataset, batch_size, num_workers=self.loading.num_workers, seed=self.loading.seed,
                            sampler=sampler, collate_fn=self.collate(augment), drop_last=drop_last,
                            # Encoded batches stay in pageable memory: nvJPEG copies the compressed bytes itself.
