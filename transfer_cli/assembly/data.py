@@ -80,7 +80,9 @@ def decoder_for(cfg: TrainConfig, transforms: Transforms, device: torch.device) 
     decode_device = resolve_decode(cfg.data.decode, device)
     if decode_device is None:
         return None
-    return DeviceDecoder.for_transforms(transforms, decode_device)
+    decoder = DeviceDecoder.for_transforms(transforms, decode_device)
+    log.info("data.decode=gpu: %s; other formats decoded by the CPU workers", decoder.describe())
+    return decoder
 
 
 def cached_views(cfg: TrainConfig) -> int:
