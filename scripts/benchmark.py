@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import pytorch_lightning as pl
 import torch.nn.functional as F
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
@@ -372,6 +373,32 @@ def raw_loop_host(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step
     return {"cpu_ms": (time.process_time() - cpu) / steps * 1e3, "wall_ms": (time.perf_counter() - wall) / steps * 1e3}
 
 
+class BareModule(pl.LightningModule):
+    """The least a LightningModule can be: forward, loss, AdamW. No logging, metrics or callbacks of ours."""
+
+    def __init__(self, model: torch.nn.Module, freeze):
+        super().__init__()
+        self.model, self.freeze = model, freeze
+
+    def on_fit_start(self):
+        self.freeze.apply(self.model, 0)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.model(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+
+
+def bare_lightning_host(model, freeze, x, y, steps: int, warmup: int, device, work: Path) -> Dict[str, float]:
+    timer = StepTimer(warmup, device)
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer], default_root_dir=str(work))
+    trainer.fit(BareModule(model, freeze), train_dataloaders=SyntheticBatches(x, y, warmup + steps))
+    return {"cpu_ms": timer.cpu / timer.steps * 1e3, "wall_ms": timer.elapsed / timer.steps * 1e3}
+
+
 def section_h(args, root: Path, work: Path, device) -> Dict[str, Any]:
     """Host work per training step, the tool (elpv_best's shape: partial freeze, AdamW, warmup + cosine, progress
     bar, metrics.csv) vs the raw loop, on a tiny model whose compute is small, so the difference is the tool's
@@ -399,10 +426,15 @@ def section_h(args, root: Path, work: Path, device) -> Dict[str, Any]:
     tool = {"cpu_ms": timer.cpu / timer.steps * 1e3, "wall_ms": timer.elapsed / timer.steps * 1e3}
     del run
     release(device)
+    bare = bare_lightning_host(copy.deepcopy(pristine).to(device), freeze, x, y, steps, warmup, device,
+                               work / "h_bare")
     raw = raw_loop_host(pristine.to(device), x, y, steps, warmup, device, freeze=freeze)
     return {"h_host": {"model": "test_efficientnet", "batch": batch, "image_size": size, "steps": steps,
                        "tool_cpu_ms_per_step": tool["cpu_ms"], "raw_cpu_ms_per_step": raw["cpu_ms"],
                        "overhead_cpu_ms_per_step": tool["cpu_ms"] - raw["cpu_ms"],
+                       # what a bare LightningModule in a bare Trainer costs: Lightning's own loop, not the tool's
+                       "bare_lightning_cpu_ms_per_step": bare["cpu_ms"],
+                       "tool_over_bare_lightning_cpu_ms_per_step": tool["cpu_ms"] - bare["cpu_ms"],
                        "tool_wall_ms_per_step": tool["wall_ms"], "raw_wall_ms_per_step": raw["wall_ms"],
                        "ratio": raw["cpu_ms"] / tool["cpu_ms"], "target": TARGETS["h_host"]}}
 

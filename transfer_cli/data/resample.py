@@ -201,10 +201,14 @@ def resample(images: Sequence[torch.Tensor], params: torch.Tensor, plan: Resampl
     outputs = []
     for first in range(0, len(images), chunk):  # one pass unless the batch is huge
         part = pack(images[first:first + chunk]).float()
+        n, channels = part.shape[:2]
         # Columns first, rounded to 8 bits between the passes, as torchvision's uint8 kernels do (it matters where
-        # bicubic overshoots: the second pass sees the clamped first one).
-        across = (part @ cols[first:first + chunk, None].transpose(-1, -2)).round_().clamp_(0, 255)
-        outputs.append(rows[first:first + chunk, None] @ across)
+        # bicubic overshoots: the second pass sees the clamped first one). Batched over images only, channels
+        # folded into the rows, so no weight matrix is repeated per channel.
+        across = torch.bmm(part.view(n, channels * canvas_h, canvas_w), cols[first:first + chunk].transpose(1, 2))
+        across = across.round_().clamp_(0, 255).view(n, channels, canvas_h, out_w)
+        down = torch.bmm(rows[first:first + chunk], across.transpose(1, 2).reshape(n, canvas_h, channels * out_w))
+        outputs.append(down.view(n, out_h, channels, out_w).transpose(1, 2))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
