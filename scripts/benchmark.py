@@ -81,6 +81,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps first (compilation, cuDNN autotuning, workers)")
     p.add_argument("--steps", type=int, help="timed steps of (a) and (b)")
     p.add_argument("--images", type=int, help="JPEGs in the generated folder of (c) and (d)")
+    p.add_argument("--source-size", type=lambda v: tuple(int(x) for x in v.lower().split("x")),
+                   help="width x height of the generated JPEGs, e.g. 500x375")
     p.add_argument("--workers", help="data.num_workers for (c) and (d): a number or auto")
     p.add_argument("--cache-epochs", type=int, help="epochs of the feature-extraction runs of (c)")
     p.add_argument("--sections", help="which of a,b,c,d to run (b compiles: minutes on a CPU)")

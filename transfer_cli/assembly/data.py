@@ -9,6 +9,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from transfer_cli.assembly.model import compile_mode
 from transfer_cli.config.schema import DataConfig, TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
 from transfer_cli.data.elpv import from_elpv
@@ -22,7 +23,6 @@ from transfer_cli.data.manifest import from_csv
 from transfer_cli.data.samplers import ResumeStart
 from transfer_cli.data.splits import DataSplits, check_splits
 from transfer_cli.data.transforms import Transforms, build_transform, build_transforms
-from transfer_cli.assembly.model import compile_mode
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
 

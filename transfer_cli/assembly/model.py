@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
@@ -12,8 +11,6 @@ from transfer_cli.data.splits import DataSplits
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.models.combined import build_backbone
 from transfer_cli.resume.fingerprint import FINGERPRINT_KEY, fingerprint
-
-log = logging.getLogger("transfer_cli")
 
 # trainer.compile=<name>: torch.compile's mode for the network, None for eager. true is torch's default mode;
 # reduce-overhead adds CUDA graphs (one replay per step instead of a launch per kernel: small batches on a

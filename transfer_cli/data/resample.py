@@ -18,7 +18,6 @@ crop and flip each image the same way, and a resumed run replays them (data/seed
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
