@@ -304,3 +304,22 @@ def test_steps_the_batched_path_does_not_do_run_image_by_image_with_their_seeds(
     torch.manual_seed(1)  # the global RNG does not matter: each image's seed does
     again, _ = dm.strip_bad(batch)
     assert torch.equal(first, again) and tuple(first.shape) == (4, 3, 32, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA device")
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_cuda_decode_and_resample_match_the_cpu_path(tmp_path, engine):
+    """On a GPU: nvJPEG on a side stream, the batched resample on the device; the same images as on the CPU (two
+    JPEG decoders: a few levels apart at most)."""
+    files = [save_jpeg(tmp_path / f"{i}.jpg", asymmetric_image(48 + 8 * i, 40, i), orientation=1 + i) for i in range(6)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        dm = image_module(tmp_path, files, "light", "augmentation.rot90=0.75")
+        decode_on(dm, device, engine)
+        loader = dm.loader("train", augment=True, shuffle=True)
+        loader.sampler.set_epoch(1)
+        images, labels = dm.strip_bad(next(iter(loader)))
+        out[device] = (images.cpu(), labels.cpu())
+    assert torch.equal(out["cpu"][1], out["cuda"][1])
+    diff = (out["cpu"][0] - out["cuda"][0]).abs() * 0.229 * 255
+    assert diff.mean() < 1.0 and diff.max() < 16
