@@ -155,10 +155,12 @@ def _axis_weights(start: torch.Tensor, length: torch.Tensor, full: torch.Tensor,
     widen = scale.clamp(min=1.0)
     lo = torch.trunc(centre - support * widen + 0.5).clamp(min=0)
     hi = torch.minimum(torch.trunc(centre + support * widen + 0.5), length[:, None])
+    # The (N, out, canvas) tensors in float32 (integers and centres far below 2**24); the tap range above was
+    # found in float64, as ATen does.
     a = torch.arange(canvas, device=device, dtype=torch.float64).expand(len(start), canvas)
-    tap = torch.where(reverse[:, None], extent[:, None] - 1 - a, a) - start[:, None]  # source-range coordinate
-    inside = (a < extent[:, None])[:, None, :] & (tap[:, None, :] >= lo[..., None]) & (tap[:, None, :] < hi[..., None])
-    x = ((tap[:, None, :] - centre[..., None] + 0.5) / widen[..., None]).float()
+    tap = (torch.where(reverse[:, None], extent[:, None] - 1 - a, a) - start[:, None]).float()[:, None, :]
+    inside = (a < extent[:, None]).unsqueeze(1) & (tap >= lo.float()[..., None]) & (tap < hi.float()[..., None])
+    x = (tap - centre.float()[..., None] + 0.5) / widen.float()[..., None]
     weights = kernel(x) * inside
     total = weights.sum(dim=-1, keepdim=True)
     return weights / torch.where(total == 0, torch.ones_like(total), total)
