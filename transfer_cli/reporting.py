@@ -32,11 +32,12 @@ def print_summary(summary: dict) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # paths are the point of this table: wrap them, never cut them
     for key in ("val_mAP", "val_f1", "test_mAP", "val_acc", "test_acc", "epochs", "num_classes", "wall_time_s",
-                "feature_cache", "bad_images", "best_checkpoint", "run_dir"):
+                "first_step_latency_s", "feature_cache", "bad_images", "best_checkpoint", "run_dir"):
         value = summary.get(key)
         if value is None:
             continue
         if isinstance(value, float):
-            value = f"{value:.4f}" if key.endswith(("acc", "mAP", "f1")) else f"{value:.1f}"
+            digits = 4 if key.endswith(("acc", "mAP", "f1")) else 2 if key.endswith("latency_s") else 1
+            value = f"{value:.{digits}f}"
         table.add_row(key, str(value))
     console.print(table)

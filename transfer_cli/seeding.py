@@ -38,21 +38,36 @@ def derived_seed(*parts: int, stream: int | None) -> int:
 
 
 def seed_globals(value: int) -> None:
-    """Seed torch (all devices), numpy's and Python's global RNGs with one derived seed."""
+    """Seed torch's CPU generator and those of the accelerators in use, numpy's and Python's global RNGs.
+
+    Called before every training batch, so it stays cheap: `torch.manual_seed` would also queue a seed for every
+    accelerator type not initialised in this process (CUDA, XPU, MTIA), formatting the call stack each time (about
+    0.8 ms per call on a 2-core CPU, deep in Lightning's stack). An accelerator in use is initialised before the
+    first batch; one that is not has no random state a step could draw from.
+    """
     import torch
 
-    torch.manual_seed(value)
+    torch.default_generator.manual_seed(value)
+    for name in ("cuda", "xpu", "mtia"):
+        backend = getattr(torch, name, None)
+        if backend is not None and backend.is_initialized():
+            backend.manual_seed_all(value)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(value)
     np.random.seed(value % 2**32)
     random.seed(value)
 
 
 @contextlib.contextmanager
 def torch_seeded(value: int) -> Iterator[None]:
-    """torch's CPU RNG seeded with `value` inside, and restored afterwards, so callers' draws are untouched."""
+    """torch's CPU RNG seeded with `value` inside, and restored afterwards, so callers' draws are untouched.
+
+    Only the CPU generator: the transforms seeded this way draw their parameters there, and seeding the
+    accelerators (torch.manual_seed) would change their state outside this block."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(value)
+        torch.default_generator.manual_seed(value)
         yield
 
 

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.assembly.run import build_run
+from transfer_cli.assembly.trainer import resolve_precision
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.compose import as_schema
 from transfer_cli.config.schema import TrainConfig
@@ -26,6 +27,10 @@ log = logging.getLogger("transfer_cli")
 def _metric(trainer: pl.Trainer, key: str) -> float | None:
     value = trainer.callback_metrics.get(key)
     return None if value is None else float(value)
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: TrainConfig) -> None:
@@ -60,6 +65,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
                             "run it with `transfer train ...`, or set paths.output_dir=<folder>")
     run_dir = Path(typed.paths.output_dir).expanduser().resolve()
     typed.paths.output_dir = str(run_dir)  # resolved once: checkpoints and config.yaml carry the real path
+    typed.trainer.precision = resolve_precision(typed)  # and the precision that runs (auto: what this GPU has)
     owned = not is_child_rank() and run_dir not in held_dirs()
     if owned:  # the run owns its dir while it trains (the CLI took it already, before Hydra wrote into it)
         claim(run_dir, resuming=bool(typed.resume))
@@ -111,6 +117,9 @@ def _train(typed: TrainConfig, run_dir: Path, started: float) -> dict:
         "feature_cache": run.feature_cache,
         "batch_size": int(datamodule.batch_size),  # trainer.auto_batch_size may have changed data.batch_size
         "bad_images": len(images.bad_images),
+        # seconds from the network built to the first optimizer step done (tracking/first_step.py)
+        "first_step_latency_s": _seconds(run.first_step.first_step_s if run.first_step else None),
+        "first_batch_latency_s": _seconds(run.first_step.first_batch_s if run.first_step else None),
     }
     if typed.task == "multilabel":  # acc is the exact-match rate there; mAP is the headline
         summary.update(task=typed.task, val_mAP=best_or_last("val/mAP"), val_f1=best_or_last("val/f1"),

@@ -9,6 +9,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from transfer_cli.assembly.model import compile_mode
 from transfer_cli.config.schema import DataConfig, TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
 from transfer_cli.data.elpv import from_elpv
@@ -61,7 +62,8 @@ def discover(data: DataConfig, task: str = "multiclass") -> DataSplits:
 def loader_settings(cfg: TrainConfig) -> LoaderSettings:
     data = cfg.data
     return LoaderSettings(batch_size=int(data.batch_size), eval_batch_size=int(data.eval_batch_size or 2 * data.batch_size),
-                          num_workers=resolve_num_workers(data.num_workers), sampler=data.sampler, seed=int(cfg.seed))
+                          num_workers=resolve_num_workers(data.num_workers), sampler=data.sampler, seed=int(cfg.seed),
+                          static_shapes=compile_mode(cfg.trainer.compile) is not None)
 
 
 def image_data(cfg: TrainConfig, splits: DataSplits, data_config: dict, bad_log: Optional[Path] = None,
@@ -78,7 +80,9 @@ def decoder_for(cfg: TrainConfig, transforms: Transforms, device: torch.device) 
     decode_device = resolve_decode(cfg.data.decode, device)
     if decode_device is None:
         return None
-    return DeviceDecoder.for_transforms(transforms, decode_device)
+    decoder = DeviceDecoder.for_transforms(transforms, decode_device)
+    log.info("data.decode=gpu: %s; other formats decoded by the CPU workers", decoder.describe())
+    return decoder
 
 
 def cached_views(cfg: TrainConfig) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -11,6 +11,17 @@ from transfer_cli.data.splits import DataSplits
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.models.combined import build_backbone
 from transfer_cli.resume.fingerprint import FINGERPRINT_KEY, fingerprint
+
+# trainer.compile=<name>: torch.compile's mode for the network, None for eager. true is torch's default mode;
+# reduce-overhead adds CUDA graphs (one replay per step instead of a launch per kernel: small batches on a
+# large GPU), max-autotune also searches kernels (longest compile).
+COMPILE_MODES: dict[str, Optional[str]] = {"false": None, "true": "default", "default": "default",
+                                           "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune"}
+
+
+def compile_mode(value: Any) -> Optional[str]:
+    """trainer.compile as torch.compile's mode, or None: false/true as booleans too (configs of older runs)."""
+    return COMPILE_MODES[str(value).lower() if value is not None else "false"]
 
 
 def plain(value: Any) -> Any:
@@ -36,8 +47,9 @@ def prepare_for_training(model: Classifier, cfg: TrainConfig, images: bool) -> N
         return
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.trainer.compile:
-        model.compile()
+    mode = compile_mode(cfg.trainer.compile)
+    if mode is not None:
+        model.compile(mode=mode)
 
 
 def run_meta(cfg: TrainConfig, splits: DataSplits, data_config: dict, model: Classifier) -> dict:
@@ -59,4 +71,5 @@ def checkpoint_block(config: dict, meta: dict) -> dict:
     return {"config": config, **meta, FINGERPRINT_KEY: fingerprint(meta)}
 
 
-__all__ = ["build_model", "prepare_for_training", "run_meta", "checkpoint_block", "plain"]
+__all__ = ["build_model", "prepare_for_training", "run_meta", "checkpoint_block", "plain", "COMPILE_MODES",
+           "compile_mode"]

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from transfer_cli.assembly.model import compile_mode
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
@@ -43,19 +44,23 @@ def criterion_for(cfg: TrainConfig, num_classes: int, class_counts: Optional[Seq
     return build_criterion("multiclass", weight, float(cfg.augmentation.label_smoothing))
 
 
-def optimizer_factory(cfg: TrainConfig, plan: FreezePlan):
-    """model -> the optimizer over its parameter groups (one per stage that ever trains, and the head)."""
+def optimizer_factory(cfg: TrainConfig, plan: FreezePlan, device_type: str = "cpu"):
+    """model -> the optimizer over its parameter groups (one per stage that ever trains, and the head), with the
+    fastest kernels `device_type` and the trainer's clipping and precision allow."""
     opt = cfg.optimizer
+    clip = bool(cfg.trainer.gradient_clip_val)
+    mixed = str(cfg.trainer.precision).endswith("mixed") or str(cfg.trainer.precision) in ("16", "bf16")
 
     def make(model: Classifier) -> torch.optim.Optimizer:
-        return build_optimizer(param_groups(model, plan, opt.lr, opt.weight_decay), opt)
+        return build_optimizer(param_groups(model, plan, opt.lr, opt.weight_decay), opt, device_type, clip, mixed)
 
     return make
 
 
 def transfer_module(cfg: TrainConfig, model: Classifier, block: dict, inputs: str = "images",
-                    class_counts: Optional[Sequence[int]] = None) -> TransferModule:
-    """`block`: the plain data every checkpoint carries (assembly/model.py checkpoint_block)."""
+                    class_counts: Optional[Sequence[int]] = None, device_type: str = "cpu") -> TransferModule:
+    """`block`: the plain data every checkpoint carries (assembly/model.py checkpoint_block); `device_type`: where
+    the run trains."""
     num_classes = len(block["class_names"])
     plan = FreezePlan(cfg.transfer, model.stages)
     mixing = build_mixup(cfg.augmentation, num_classes)
@@ -63,7 +68,7 @@ def transfer_module(cfg: TrainConfig, model: Classifier, block: dict, inputs: st
         log.warning("mixup/cutmix ignored: the head trains on cached backbone features, not on images "
                     "(to mix images: transfer.cache_features=false)")
         mixing = None
-    tta = tta_for(cfg.eval.tta, cfg.eval.multicrop_fraction)
+    tta = tta_for(cfg.eval.tta, cfg.eval.multicrop_fraction, one_call=compile_mode(cfg.trainer.compile) is not None)
     if tta is not None and inputs != "images":
         log.warning("eval.tta=%s ignored: the head is evaluated on cached backbone features, not on images "
                     "(for TTA: transfer.cache_features=false)", cfg.eval.tta)
@@ -72,7 +77,7 @@ def transfer_module(cfg: TrainConfig, model: Classifier, block: dict, inputs: st
         model,
         criterion=criterion_for(cfg, num_classes, class_counts),
         metrics=build_metrics(cfg.task, num_classes, cfg.multilabel_threshold),
-        optimizer=optimizer_factory(cfg, plan),
+        optimizer=optimizer_factory(cfg, plan, device_type),
         schedule=LRSchedule(cfg.scheduler, cfg.callbacks.monitor, cfg.callbacks.mode),
         freeze=plan,
         tta=tta,

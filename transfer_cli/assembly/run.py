@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -13,7 +14,7 @@ import pytorch_lightning as pl
 from transfer_cli.assembly.data import cache_plan, discover, feature_pass, image_data, loader_settings, cached_views
 from transfer_cli.assembly.model import build_model, checkpoint_block, prepare_for_training, run_meta
 from transfer_cli.assembly.module import transfer_module
-from transfer_cli.assembly.trainer import build_trainer
+from transfer_cli.assembly.trainer import build_trainer, resolve_precision
 from transfer_cli.config.compose import as_schema
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
@@ -22,6 +23,7 @@ from transfer_cli.data.splits import DataSplits
 from transfer_cli.inference import autocast_for
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.replay import ResumePoint
+from transfer_cli.tracking.first_step import FirstStepLatency
 from transfer_cli.training.module import TransferModule
 
 log = logging.getLogger("transfer_cli")
@@ -39,6 +41,7 @@ class RunParts:
     module: TransferModule
     trainer: pl.Trainer
     feature_cache: bool
+    first_step: Optional[FirstStepLatency] = None  # the wait from the network built to the first step done
 
     @property
     def features(self) -> Optional[FeatureSplits]:
@@ -64,13 +67,16 @@ def build_data(cfg: Any, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDa
 
 def build_run(cfg: Any, run_dir: Path) -> RunParts:
     cfg = as_schema(cfg)
+    cfg.trainer.precision = resolve_precision(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)
     model, data_config = build_model(cfg, len(splits.class_names))
+    first_step = FirstStepLatency(time.perf_counter())
     meta = run_meta(cfg, splits, data_config, model)
     resume_point = ResumePoint()
     trainer = build_trainer(cfg, run_dir, validate=bool(splits.val), resume_point=resume_point)
+    trainer.callbacks.append(first_step)
     device = trainer.strategy.root_device
     images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt", device=device,
                         resume_start=resume_point.start)
@@ -82,8 +88,9 @@ def build_run(cfg: Any, run_dir: Path) -> RunParts:
                                        loader_settings(cfg), views=cached_views(cfg), resume_start=resume_point.start)
     prepare_for_training(model, cfg, images=not cache)
     module = transfer_module(cfg, model, checkpoint_block(config_container(cfg), meta),
-                             inputs="features" if cache else "images", class_counts=splits.counts("train"))
-    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache)
+                             inputs="features" if cache else "images", class_counts=splits.counts("train"),
+                             device_type=device.type)
+    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache, first_step)
 
 
 __all__ = ["RunParts", "build_run", "build_data", "config_container"]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 
 from transfer_cli.config.schema import TrainConfig
@@ -20,11 +21,35 @@ from transfer_cli.resume.replay import ResumePoint, SeedEveryBatch
 from transfer_cli.resume.signals import GracefulStop
 from transfer_cli.resume.step_checkpoint import StepCheckpoint
 from transfer_cli.tracking.csv_logger import MetricsCSV
+from transfer_cli.tracking.progress import ThrottledProgressBar
 from transfer_cli.training.ema import EMA
 
 # trainer.* keys that are ours, not arguments of pl.Trainer: applied to the network (assembly/model.py), or the
 # Tuner's batch-size search (train.py)
 OWN_TRAINER_KEYS = ("compile", "channels_last", "auto_batch_size", "kwargs")
+
+log = logging.getLogger("transfer_cli")
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """trainer.precision with `auto` (trainer=gpu) made concrete for this machine: bf16-mixed on a CUDA GPU that
+    has bfloat16 (Ampere or newer: tensor cores, and no loss scaler to sync every step), else 32-true. The run's
+    config.yaml and checkpoints then carry what ran, so a resume runs the same."""
+    precision = str(cfg.trainer.precision)
+    if precision != "auto":
+        return precision
+    import torch
+
+    if str(cfg.trainer.accelerator) not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
+        log.info("trainer.precision=auto: no CUDA GPU, so 32-true")
+        return "32-true"
+    name = torch.cuda.get_device_name()
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        log.info("trainer.precision=auto: bf16-mixed (%s has bfloat16)", name)
+        return "bf16-mixed"
+    log.warning("trainer.precision=auto: %s has no bfloat16, so 32-true (trainer.precision=16-mixed for fp16 "
+                "autocast with a loss scaler)", name)
+    return "32-true"
 
 
 def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, validate: bool = True
@@ -50,7 +75,7 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, 
     if cb.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
     if cb.rich_progress and cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ThrottledProgressBar(leave=True))
     if cfg.logger.csv or cfg.logger.tensorboard:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     return callbacks
@@ -135,4 +160,5 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
     return trainer
 
 
-__all__ = ["build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]
+__all__ = ["build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args",
+           "resolve_precision"]

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable, Optional
 from transfer_cli.errors import TransferError, close_matches
 
 # Lightning's precision names (lightning_fabric's _PRECISION_INPUT_STR), written out so that checking them needs
-# no Lightning import.
-PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
+# no Lightning import; and ours, auto (assembly/trainer.py: bf16-mixed where the GPU has it).
+PRECISIONS = ("auto", "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
               "32-true", "64-true", "64", "32", "16", "bf16")
 
 

@@ -40,6 +40,7 @@ ENUMS = {
     "callbacks.test_ckpt": ("best", "last"),
     "scheduler.mode": ("max", "min"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
+    "trainer.compile": ("false", "true", "default", "reduce-overhead", "max-autotune"),
 }
 
 

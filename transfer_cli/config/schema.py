@@ -25,7 +25,7 @@ class DataConfig:
     split_seed: int = 0  # fixed apart from `seed`, so several training seeds share one split
     batch_size: int = 32
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
-    num_workers: Any = "auto"  # auto: one per available core but one, up to 8; or a number
+    num_workers: Any = "auto"  # auto: one per available core but one; or a number
     decode: str = "cpu"  # cpu: workers decode and transform | gpu: workers read JPEG bytes, the GPU decodes (nvJPEG)
     sampler: str = "shuffle"  # shuffle: each image once per epoch | balanced: classes drawn equally often
     class_weights: str = "none"  # none | auto: the loss weights each class by its inverse train frequency
@@ -136,7 +136,7 @@ class TrainerConfig:
     devices: Any = "auto"
     strategy: str = "auto"  # ddp (trainer=ddp): one process per device; data.batch_size is per device
     num_nodes: int = 1
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | auto: bf16-mixed where the GPU has bfloat16
     max_epochs: int = 10
     min_epochs: Optional[int] = None
     deterministic: bool = False
@@ -154,7 +154,9 @@ class TrainerConfig:
     overfit_batches: float = 0.0
     num_sanity_val_steps: Optional[int] = None
     enable_progress_bar: bool = True
-    compile: bool = False  # torch.compile the network (fine-tuning; the first steps are slower while it compiles)
+    # torch.compile the network (fine-tuning; the first steps are slower while it compiles): false | true (torch's
+    # default mode) | default | reduce-overhead (CUDA graphs: small batches on a large GPU) | max-autotune
+    compile: Any = False
     channels_last: bool = True  # NHWC images and conv weights: the fast layout of cuDNN and oneDNN convolutions
     auto_batch_size: bool = False  # before fit, the largest data.batch_size that fits (Lightning's Tuner)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # any other pl.Trainer argument: +trainer.kwargs.X=...

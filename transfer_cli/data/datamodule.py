@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from transfer_cli import seeding
-from transfer_cli.data.gpu_decode import DeviceDecoder, EncodedBatch, EncodedImageDataset, collate_encoded
+from transfer_cli.data.gpu_decode import DeviceDecoder, EncodedBatch, collate_encoded
 from transfer_cli.data.images import BadImages, ImageDataset, scan_images
 from transfer_cli.data.loaders import LoaderSettings, make_loader
 from transfer_cli.data.samplers import ResumableSampler, ResumeStart, train_sampler
@@ -152,7 +152,7 @@ class ImageDataModule(pl.LightningDataModule):
         """The split's images as the loaders read them: decoded and transformed, or (data.decode=gpu) bytes."""
         samples = self.samples(split)
         if self.decoder is not None:
-            return EncodedImageDataset(samples)
+            return self.decoder.dataset(samples, augment)
         return ImageDataset(samples, self.transforms.pick(augment))
 
     def collate(self, augment: bool) -> Any:
@@ -174,15 +174,15 @@ class ImageDataModule(pl.LightningDataModule):
         if shuffle:  # data.sampler: a (seed, epoch) shuffle, or class-balanced draws
             base = train_sampler(self.loading.sampler, [s[1] for s in samples], self.loading.seed)
             # Augmentation seeded by (seed, epoch, image) and a sampler that skips the batches an interrupted
-            # epoch already trained on: a resumed run sees exactly the images an uninterrupted one would.
-            keys = self.decoder is None
-            if keys:
-                dataset = SeededItems(dataset, self.loading.seed, seeding.AUGMENT)
-            sampler = ResumableSampler(base, keys=keys, resume_start=self._batches_to_draws)
+            # epoch already trained on: a resumed run sees exactly the images an uninterrupted one would. With
+            # data.decode=gpu the workers draw each image's crop and flips (or its seed) under the same seed.
+            dataset = SeededItems(dataset, self.loading.seed, seeding.AUGMENT)
+            sampler = ResumableSampler(base, keys=True, resume_start=self._batches_to_draws)
         batch_size = self.batch_size if augment else self.eval_batch_size  # the batch-size Tuner sets these
         # A last training batch of one image breaks BatchNorm in train mode ("expected more than 1 value per
-        # channel"): drop just that one, never a larger remainder.
-        drop_last = bool(shuffle) and batch_size > 1 and len(samples) % batch_size == 1
+        # channel"): drop just that one, never a larger remainder, unless the batches must all have one shape.
+        drop_last = bool(shuffle) and batch_size > 1 and (
+            len(samples) % batch_size == 1 or (self.loading.static_shapes and len(samples) > batch_size))
         return make_loader(dataset, batch_size, num_workers=self.loading.num_workers, seed=self.loading.seed,
                            sampler=sampler, collate_fn=self.collate(augment), drop_last=drop_last,
                            # Encoded batches stay in pageable memory: nvJPEG copies the compressed bytes itself.

@@ -13,11 +13,12 @@ from transfer_cli.errors import TransferError
 
 
 def resolve_num_workers(value: Any) -> int:
-    """data.num_workers: a count, or "auto". Auto leaves one core to the training process, which on a small
-    machine does the heavy lifting itself; more than 8 decoders rarely pay off for a single device."""
+    """data.num_workers: a count, or "auto": every core this process may run on but one, which the training
+    process keeps. No cap: on a GPU machine, decoding and augmenting on the CPU is what limits a small model, and
+    idle workers cost only their memory."""
     if str(value) == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(0, min(8, cores - 1))
+        return max(0, cores - 1)
     try:
         workers = int(value)
     except (TypeError, ValueError):
@@ -36,6 +37,9 @@ class LoaderSettings:
     num_workers: int
     sampler: str  # data.sampler: a name of samplers.SAMPLERS
     seed: int  # the run's seed: data order, augmentation and worker seeds follow it
+    # Every training batch of batch_size images (the last partial one dropped): a compiled network then runs one
+    # graph (CUDA graphs need a fixed shape) instead of recompiling for the remainder.
+    static_shapes: bool = False
 
 
 def make_loader(dataset: Any, batch_size: int, *, num_workers: int = 0, seed: int = 0,

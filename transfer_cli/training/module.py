@@ -73,14 +73,33 @@ class TransferModule(pl.LightningModule):
         else:
             logits = self.model(inputs)
         loss = self.criterion(logits, target)
-        metrics = self.metrics[f"{stage}_metrics"]
         # Mixed batches have soft targets: train accuracy counts each mix's dominant label, so train/acc stays
         # logged and comparable between epochs (it reads lower than on clean images, by construction).
-        metrics(logits, target.argmax(dim=-1) if stage == "train" and self.mixup is not None else target)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(target))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(target))
+        labels = target.argmax(dim=-1) if stage == "train" and self.mixup is not None else target
+        # update, not forward: forward would also compute each batch's own value, which nothing reads. The
+        # metrics are logged once, at the stage's epoch end (_log_metrics).
+        self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)
+        # The step loss stays out of Lightning's progress-bar dict: Lightning turns what is there into Python
+        # floats after every batch, a device sync per step on a GPU. The bar shows it anyway, read at its own
+        # refresh rate (tracking/progress.py).
+        train = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=not train, batch_size=len(target))
         return loss
+
+    def _log_metrics(self, stage: str) -> None:
+        metrics = self.metrics[f"{stage}_metrics"]
+        if any(metric.update_called for metric in metrics.values()):  # no batch: nothing to report
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_train_epoch_end(self) -> None:
+        self.finite.check(self.current_epoch)
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if self.mixup is not None:
@@ -94,9 +113,6 @@ class TransferModule(pl.LightningModule):
         # Read where Lightning syncs anyway (it logs every log_every_n_steps steps): no extra wait per step.
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.finite.check(self.current_epoch)
-
-    def on_train_epoch_end(self) -> None:
-        self.finite.check(self.current_epoch)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")

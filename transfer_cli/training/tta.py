@@ -45,11 +45,18 @@ def tta_views(images: torch.Tensor, mode: str, multicrop_fraction: float = 0.875
 
 
 def tta_logits(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, mode: str,
-               multicrop_fraction: float = 0.875) -> torch.Tensor:
-    """The mean of forward(view) over the views; one view at a time, so memory stays that of one batch."""
+               multicrop_fraction: float = 0.875, one_call: bool = False) -> torch.Tensor:
+    """The mean of forward(view) over the views; one view at a time, so memory stays that of one batch.
+
+    `one_call`: the views stacked into one batch and one forward, for a compiled network: CUDA graphs may reuse
+    their output memory on the next call (a view's logits would be overwritten by the next view's), and one
+    call runs one graph."""
     views = tta_views(images, mode, multicrop_fraction)
     if len(views) == 1:
         return forward(images)
+    if one_call:
+        logits = forward(torch.cat(views))
+        return logits.view(len(views), len(images), *logits.shape[1:]).mean(dim=0)
     return torch.stack([forward(view) for view in views]).mean(dim=0)
 
 
@@ -61,11 +68,12 @@ def tta_forward(model: Callable[[torch.Tensor], torch.Tensor], mode: str,
     return partial(tta_logits, model, mode=mode, multicrop_fraction=multicrop_fraction)
 
 
-def tta_for(mode: str, multicrop_fraction: float) -> Optional[Callable]:
-    """What TransferModule takes: None for no TTA, else (forward, images) -> averaged logits."""
+def tta_for(mode: str, multicrop_fraction: float, one_call: bool = False) -> Optional[Callable]:
+    """What TransferModule takes: None for no TTA, else (forward, images) -> averaged logits (`one_call`: all
+    views in one forward, see tta_logits)."""
     if mode == "none":
         return None
-    return partial(tta_logits, mode=mode, multicrop_fraction=multicrop_fraction)
+    return partial(tta_logits, mode=mode, multicrop_fraction=multicrop_fraction, one_call=one_call)
 
 
 __all__ = ["VIEWS", "tta_views", "tta_logits", "tta_forward", "tta_for"]
