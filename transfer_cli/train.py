@@ -18,6 +18,7 @@ from transfer_cli.errors import TransferError
 from transfer_cli.reporting import print_config_tree, print_summary
 from transfer_cli.resume.checkpoints import CHECKPOINT_DIR
 from transfer_cli.resume.fit import fit
+from transfer_cli.tracking.trackers import close_trackers, finish_trackers
 
 log = logging.getLogger("transfer_cli")
 
@@ -71,6 +72,9 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
         scale_batch_size(run)
     try:  # or continue cfg.resume; exits 143/130 on SIGTERM/SIGINT
         fit(trainer, module, datamodule, typed.resume, run_dir)
+    except BaseException:
+        close_trackers(trainer.loggers)  # a later run in this process (a sweep, a tune) must not log into these
+        raise
     finally:  # also after a failure or an interrupt: the epochs that did finish are worth a look
         _write_curves(trainer, run_dir, typed)
 
@@ -112,6 +116,9 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
             summary["test_mAP"] = _metric(trainer, "test/mAP")
     summary["wall_time_s"] = round(time.time() - started, 1)
     atomic_write_json(run_dir / "summary.json", summary)
+    model_file = best_path or summary["last_checkpoint"]
+    finish_trackers(trainer.loggers, run_dir, Path(model_file) if typed.logger.log_model and model_file else None)
+    close_trackers(trainer.loggers)
     print_summary(summary)
     return summary
 

@@ -162,8 +162,18 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    # Which trackers a run logs to; the logger group's options (logger=mlflow, logger=[csv,mlflow,wandb]) each switch
+    # on the flag of their own name, logger=none switches all off. metrics.csv feeds curves.png and sweep summaries.
     csv: bool = True  # metrics.csv in the run dir
     tensorboard: bool = False  # tb/ in the run dir (needs the tensorboard package)
+    mlflow: bool = False  # an MLflow run (pip install 'transfer-cli[mlflow]')
+    wandb: bool = False  # a Weights & Biases run, offline unless WANDB_MODE says otherwise (transfer-cli[wandb])
+    experiment: Optional[str] = None  # the MLflow experiment / W&B project; None: the run's `name`
+    run_name: Optional[str] = None  # None: <name>/<run dir's name>
+    # mlflow: where runs are stored; None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
+    tracking_uri: Optional[str] = None
+    log_model: bool = False  # also upload the checkpoint the test scored (else the last one) to mlflow / wandb
+    tags: Dict[str, str] = field(default_factory=dict)  # extra run tags: +logger.tags.team=vision
 
 
 @dataclass
