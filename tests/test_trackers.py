@@ -4,7 +4,6 @@ run, several trackers at once, and a resume that continues the same tracker runs
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -69,10 +68,19 @@ def test_mlflow_run_holds_the_config_metrics_and_files(mlflow_run):
     assert before["train/loss_step"] == list(range(steps_per_epoch))  # every optimizer step, once
     assert before["val/acc"] == [steps_per_epoch - 1]  # per epoch, at the epoch's last step
     files = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "summary.json", "curves.png", "checkpoints"} <= files
+    assert {"config.yaml", "summary.json", "curves.png", "data_report.json", "class_distribution.png",
+            "checkpoints"} <= files
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
     local = client.download_artifacts(run_id, "summary.json", str(tmp / "download"))
     assert json.loads(open(local).read())["name"] == "default"
+
+
+def test_every_run_starts_with_the_short_data_report(mlflow_run):
+    *_, tmp = mlflow_run
+    report = json.loads((tmp / "run" / "data_report.json").read_text())
+    assert report["per_class"] == {"train": {"cat": 8, "dog": 8}, "val": {"cat": 4, "dog": 4}}
+    assert report["imbalance_ratio"] == 1.0 and report["duplicates_across_splits"] == []
+    assert "headers" not in report  # the short form opens no image; `transfer data-report` does
 
 
 def test_resume_continues_the_same_mlflow_run_with_continuous_steps(mlflow_run):
@@ -116,14 +124,13 @@ def test_wandb_offline_run_and_its_resume_keep_one_run_id(tmp_path, tiny_imagefo
     assert (tmp_path / "run" / "metrics.csv").is_file()  # beside metrics.csv
 
 
-def test_a_missing_tracker_package_names_the_extra(tmp_path, tiny_imagefolder):
-    # The environment without the package: its module resolves to nothing, as when it is not installed.
-    probe = ("import sys; sys.modules['mlflow'] = None\n"
-             "from transfer_cli.cli import main; main(sys.argv[1:])")
-    out = subprocess.run([sys.executable, "-c", probe, "train", "~experiment", "data=imagefolder",
-                          f"data.root={tiny_imagefolder}", "logger=mlflow", f"hydra.run.dir={tmp_path / 'run'}"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 2, out.stderr[-2000:]
-    err = " ".join(out.stderr.split())
-    assert "logger=mlflow needs the mlflow package" in err and "pip install 'transfer-cli[mlflow]'" in err
-    assert "Traceback" not in out.stderr
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_missing_tracker_package_names_the_extra(tracker, tmp_path, monkeypatch):
+    from transfer_cli.config.schema import LoggerConfig
+    from transfer_cli.tracking.trackers import TRACKERS, TrackerContext
+
+    monkeypatch.setitem(sys.modules, tracker, None)  # as when the package is not installed: import fails
+    with pytest.raises(TransferError) as err:
+        TRACKERS[tracker](LoggerConfig(**{tracker: True}), TrackerContext(tmp_path, "x", "x/run"))
+    assert f"logger={tracker} needs the {tracker} package" in err.value.message
+    assert err.value.fix.startswith(f"pip install 'transfer-cli[{tracker}]'")

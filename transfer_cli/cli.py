@@ -59,6 +59,12 @@ def _export(args: list[str]) -> None:
     export_command(args)
 
 
+def _data_report(args: list[str]) -> None:
+    from transfer_cli.commands.data_report import data_report_command  # no torch: paths, headers, hashes
+
+    data_report_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -75,6 +81,9 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
                         _augment_preview),
     "lr-find": ("LR range test on the configured run: lr_find.png and the optimizer.lr to use [overrides] "
                 "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]", _lr_find),
+    "data-report": ("what the data holds: images per class and split, imbalance, sizes and modes, unreadable and "
+                    "duplicate files; data_report.json, class_distribution.png [data overrides] [output=DIR]",
+                    _data_report),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
     "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json "

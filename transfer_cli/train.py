@@ -42,6 +42,20 @@ def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: TrainConfig) -> None:
         log.warning("could not write curves.png: %s: %s", type(e).__name__, e)
 
 
+def _write_data_report(splits: Any, run_dir: Path) -> None:
+    """The short data report (counts, imbalance, duplicates across splits) in the run dir and the log; like a
+    plot, it never fails a run."""
+    try:
+        from transfer_cli.commands.data_report import write_data_report
+        from transfer_cli.data.report import report_lines
+
+        report = write_data_report(splits, run_dir, headers=False)
+        for line in report_lines(report):
+            log.info(line)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write data_report.json: %s: %s", type(e).__name__, e)
+
+
 def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str | None:
     """The checkpoint the end-of-run test loads; None tests the weights as training left them."""
     # A small validation split picks its epoch noisily; `last` takes that pick out of the measurement (with
@@ -66,6 +80,8 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
 
     run = build_run(typed, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
+    if trainer.is_global_zero:
+        _write_data_report(splits, run_dir)
     if typed.trainer.auto_batch_size:
         from transfer_cli.tuner import scale_batch_size
 

@@ -71,7 +71,7 @@ def parse_command_args(
     overrides: list[str] = []
     for arg in args:
         key, sep, text = arg.partition("=")
-        if not sep and not (override_prefixes is None and arg.startswith("~")):  # ~key deletes, Hydra's way
+        if not sep and not (arg.startswith("~") and _allowed(arg[1:], override_prefixes)):  # ~key deletes (Hydra)
             raise TransferError(f"`transfer {command}` takes key=value arguments, not '{arg}'",
                                 f"e.g. transfer {command} {_example(options)}")
         if key in options:
