@@ -65,6 +65,18 @@ def _data_report(args: list[str]) -> None:
     data_report_command(args)
 
 
+def _explain(args: list[str]) -> None:
+    from transfer_cli.commands.explain import explain_command
+
+    explain_command(args)
+
+
+def _push(args: list[str]) -> None:
+    from transfer_cli.commands.hub import push_command
+
+    push_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -86,12 +98,17 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
                     _data_report),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
-    "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json "
-             "ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] [data.*=...] [eval.tta=...]", _eval),
+    "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json, "
+             "misclassified.csv, top_losses.png ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] "
+             "[top_losses=16] [cam=0] [data.*=...] [eval.tta=...]", _eval),
+    "explain": ("Grad-CAM overlays: where the network looks ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=DIR] "
+                "[target=<class>] [layer=<module>]", _explain),
     "predict": ("predict images with a checkpoint: one CSV row per image ckpt=<run dir|.ckpt> "
                 "input=<image|dir|csv> [output=predictions.csv] [topk=3]", _predict),
     "export": ("export a checkpoint with its preprocessing and class names, checked against PyTorch "
-               "ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [atol=1e-4]", _export),
+               "ckpt=<run dir|.ckpt> format=onnx|torchscript|timm [output=FILE] [atol=1e-4]", _export),
+    "push": ("export format=timm and upload it to the Hugging Face Hub ckpt=<run dir|.ckpt> repo=<user>/<name> "
+             "[private=false] [license=...]", _push),
 }
 
 

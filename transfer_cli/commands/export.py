@@ -24,16 +24,18 @@ from transfer_cli.errors import TransferError
 
 log = logging.getLogger("transfer_cli")
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "timm")  # timm: a folder timm.create_model("local-dir:...") loads (commands/hub.py)
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 METADATA_FILE = "transfer.json"  # the TorchScript extra file; the ONNX metadata_props key is "transfer"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 CHECK_BATCHES = (1, 3)  # neither is the batch size exported with, so the check also covers the dynamic axis
 OPTIONS = {
     "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
-    "format": Option(str, "onnx", help="onnx or torchscript", choices=FORMATS),
-    "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx)", example="model.onnx"),
+    "format": Option(str, "onnx", help="onnx, torchscript or timm", choices=FORMATS),
+    "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx; timm: a folder, "
+                     "<run dir>/export/timm)", example="model.onnx"),
     "atol": Option(POSITIVE_FLOAT, 1e-4, help="a positive tolerance on the largest absolute logit difference"),
+    "license": Option(str, None, help="format=timm: the model card's licence (default: the data's, if known)"),
 }
 EXPORT_EXTRA = 'pip install "transfer-cli[export]"  (or: pip install onnx onnxscript onnxruntime)'
 
@@ -154,7 +156,8 @@ def run_torchscript(path: Path, inputs: Any) -> tuple[Any, dict]:
     return outputs, json.loads(extra[METADATA_FILE])
 
 
-def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, atol: float = 1e-4) -> ExportResult:
+def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, atol: float = 1e-4,
+           licence: str | None = None) -> ExportResult:
     import numpy as np
     import torch
 
@@ -163,6 +166,12 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     if format not in FORMATS:
         raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
     restored = restore(ckpt)
+    if format == "timm":
+        from transfer_cli.commands.hub import export_timm
+
+        folder, diff = export_timm(restored, Path(output) if output else None, licence, atol=atol)
+        metadata = {**export_metadata(restored), "exporter": "timm save_for_hf"}
+        return ExportResult(folder, folder / "config.json", format, diff, metadata)
     model = restored.model.float().eval()
     path = Path(output).expanduser().resolve() if output else restored.run_dir / "export" / DEFAULT_NAMES[format]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +207,13 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
 
 def export_command(args: list[str]) -> None:
     options, _ = parse_command_args("export", args, OPTIONS)
-    result = export(options["ckpt"], options["format"], options["output"], options["atol"])
-    print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
-          f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
+    result = export(options["ckpt"], options["format"], options["output"], options["atol"], options["license"])
+    if result.format == "timm":
+        print(f"wrote {result.path}: model.safetensors, config.json (label names, preprocessing), README.md; load it "
+              f'with timm.create_model("local-dir:{result.path}", pretrained=True)')
+    else:
+        print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
+              f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
     print(f"max abs diff vs PyTorch on batches of {', '.join(map(str, CHECK_BATCHES))}: {result.max_abs_diff:.3g} "
           f"(atol {options['atol']:g})")
 

@@ -36,7 +36,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 POSITIVE_INT = _positive_int
+COUNT = _count  # 0, 1, 2, ...
 POSITIVE_FLOAT = _positive_float
 
 
@@ -114,4 +122,4 @@ def _example(options: dict[str, Option]) -> str:
     return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required) or "key=value"
 
 
-__all__ = ["Option", "parse_command_args", "POSITIVE_INT", "POSITIVE_FLOAT", "ANY_OVERRIDE"]
+__all__ = ["Option", "parse_command_args", "POSITIVE_INT", "POSITIVE_FLOAT", "COUNT", "ANY_OVERRIDE"]
