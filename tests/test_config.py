@@ -109,11 +109,14 @@ def registries():
     from transfer_cli.training.schedules import SCHEDULES
     from transfer_cli.training.tta import VIEWS
     from transfer_cli.tracking.trackers import TRACKERS
+    from transfer_cli.sweeps.tune import PRUNERS
+    from transfer_cli.sweeps.tune import SAMPLERS as TUNE_SAMPLERS
 
     return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES),
             ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
             ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
-            ("data.elpv_task", ELPV_CLASSES), ("logger", TRACKERS)]
+            ("data.elpv_task", ELPV_CLASSES), ("logger", TRACKERS), ("tune.sampler", TUNE_SAMPLERS),
+            ("tune.pruner", PRUNERS)]
 
 
 def test_every_registry_holds_exactly_the_names_its_choice_allows():

@@ -16,7 +16,7 @@ examples:
                  trainer=gpu trainer.precision=bf16-mixed
   transfer train debug=fast_dev_run                 # one batch through everything
   transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep, summarised in its sweep dir
-  transfer train -m hparams_search=optuna           # an Optuna search (pip install 'transfer-cli[optuna]')
+  transfer tune tune.n_trials=20                    # an Optuna study with pruning (pip install 'transfer-cli[optuna]')
   transfer train --help                             # every config group and key
 """
 
@@ -77,6 +77,12 @@ def _push(args: list[str]) -> None:
     push_command(args)
 
 
+def _tune(args: list[str]) -> None:
+    from transfer_cli.sweeps.tune import tune_command  # Optuna loads once the arguments are valid
+
+    tune_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -96,6 +102,8 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "data-report": ("what the data holds: images per class and split, imbalance, sizes and modes, unreadable and "
                     "duplicate files; data_report.json, class_distribution.png [data overrides] [output=DIR]",
                     _data_report),
+    "tune": ("an Optuna study (search space: hparams_search=optuna, or 'key=interval(a,b)' ranges), pruned per epoch, "
+             "continued when run again [overrides] [tune.n_trials=20]", _tune),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
     "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -65,8 +65,9 @@ def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str |
     return best_path
 
 
-def train(cfg: DictConfig | TrainConfig) -> dict:
-    """Train the run `cfg` describes (a composed config, or the schema's TrainConfig); returns its summary."""
+def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """Train the run `cfg` describes (a composed config, or the schema's TrainConfig); returns its summary.
+    `callbacks`: more Lightning callbacks for this fit (transfer tune's pruning)."""
     started = time.time()
     typed = as_schema(cfg)
     if not typed.paths.output_dir:
@@ -80,6 +81,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
 
     run = build_run(typed, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
+    trainer.callbacks.extend(callbacks)
     if trainer.is_global_zero:
         _write_data_report(splits, run_dir)
     if typed.trainer.auto_batch_size:

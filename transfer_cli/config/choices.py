@@ -44,6 +44,8 @@ ENUMS = {
     "callbacks.test_ckpt": ("best", "last"),
     "scheduler.mode": ("max", "min"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
+    "tune.sampler": ("tpe", "random"),
+    "tune.pruner": ("median", "hyperband", "none"),
 }
 
 

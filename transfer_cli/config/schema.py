@@ -196,6 +196,23 @@ class EvalConfig:
 
 
 @dataclass
+class TuneConfig:
+    # `transfer tune`: an Optuna study of trainings, each sampling `params`; the objective is the run's best
+    # callbacks.monitor (maximized for callbacks.mode=max). Set by hparams_search=<name> (configs/hparams_search/).
+    n_trials: int = 20  # trials of the study in all: running the command again continues it up to this many
+    # config key -> a range in Hydra's sweep grammar: interval(1e-4, 1e-2), tag(log, interval(...)), integers
+    # int(interval(1, 8)), choice(a, b), range(1, 5); a config group too (optimizer: choice(adamw, sgd))
+    params: Dict[str, str] = field(default_factory=dict)
+    sampler: str = "tpe"  # tpe | random (seeded by `seed`)
+    pruner: str = "median"  # median | hyperband | none: stop a trial whose monitor lags, judged after each epoch
+    startup_trials: int = 5  # trials that run to the end before the pruner judges any
+    warmup_epochs: int = 1  # epochs of each trial before it may be pruned
+    study_name: Optional[str] = None  # None: the run's name
+    dir: Optional[str] = None  # the study's folder (trials, optuna.db, summary); None: multirun/<name>/optuna_<study>
+    storage: Optional[str] = None  # an Optuna storage URL; None: sqlite:///<dir>/optuna.db
+
+
+@dataclass
 class PathsConfig:
     # The run dir: Hydra's run dir when `transfer train` runs; None in a config composed outside a Hydra run.
     output_dir: Optional[str] = "${hydra:runtime.output_dir}"
@@ -218,6 +235,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
