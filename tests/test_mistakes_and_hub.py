@@ -129,6 +129,15 @@ def test_explain_writes_one_overlay_per_image_for_the_predicted_class(tiny_run, 
         explain(run_dir, good[0], tmp_path / "x", target="dgo")
 
 
+def test_gradcam_without_its_package_names_the_extra(tiny_run, tmp_path, monkeypatch):
+    _, run_dir, _ = tiny_run
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # as when grad-cam is not installed
+    with pytest.raises(TransferError) as err:
+        evaluate(run_dir, output=tmp_path, cam=2)
+    assert "grad-cam package" in err.value.message and "transfer-cli[explain]" in err.value.fix
+    assert not (tmp_path / "eval_report.json").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("members", [["test_vit"], ["test_efficientnet", "test_vit"]])
 def test_gradcam_of_token_models_and_feature_combinations(members):
     pytest.importorskip("pytorch_grad_cam")

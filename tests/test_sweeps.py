@@ -138,7 +138,7 @@ def states(trials):
 
 
 def test_search_space_grammar_maps_to_optuna_distributions():
-    optuna = pytest.importorskip("optuna")
+    optuna = pytest.importorskip("optuna", minversion="4")
     from transfer_cli.sweeps.tune import distribution
 
     d = optuna.distributions
@@ -150,6 +150,15 @@ def test_search_space_grammar_maps_to_optuna_distributions():
     assert distribution("optimizer", "adamw,sgd") == d.CategoricalDistribution(["adamw", "sgd"])
     with pytest.raises(TransferError, match="single value"):
         distribution("optimizer.lr", "0.1")
+
+
+def test_tune_without_optuna_names_the_extra(monkeypatch):
+    from transfer_cli.sweeps.tune import distribution
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as when the package is not installed: import fails
+    with pytest.raises(TransferError) as err:
+        distribution("optimizer.lr", "interval(0.1, 1)")
+    assert "needs Optuna" in err.value.message and err.value.fix.startswith("pip install 'transfer-cli[optuna]'")
 
 
 def test_train_points_a_search_space_to_transfer_tune(tmp_path):
@@ -165,7 +174,7 @@ def tune_args(root, study, *extra):
 
 
 def test_tune_prunes_a_lagging_trial_and_records_a_failing_one(tmp_path, tiny_imagefolder):
-    optuna = pytest.importorskip("optuna")
+    optuna = pytest.importorskip("optuna", minversion="4")
     from transfer_cli.sweeps.tune import tune
 
     study_dir = tmp_path / "study"
@@ -199,7 +208,7 @@ def test_tune_prunes_a_lagging_trial_and_records_a_failing_one(tmp_path, tiny_im
 
 @pytest.mark.slow
 def test_interrupted_optuna_study_continues_to_n_trials(tmp_path, tiny_imagefolder):
-    pytest.importorskip("optuna")
+    pytest.importorskip("optuna", minversion="4")
     study_dir = tmp_path / "study"
     args = ["tune", *tune_args(tiny_imagefolder, study_dir, "tune.n_trials=3", "tune.pruner=none")]
     # Kill the first session (SIGKILL, no clean-up) once its second trial has started: the first is done.

@@ -111,7 +111,7 @@ def test_resume_refuses_the_logger_group_and_names_the_key(mlflow_run):
 def test_wandb_offline_run_and_its_resume_keep_one_run_id(tmp_path, tiny_imagefolder, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    train(tiny_cfg(tmp_path, tiny_imagefolder, *PROBE, "logger=[csv,wandb]"))
+    train(tiny_cfg(tmp_path, tiny_imagefolder, *PROBE, "logger=[csv,wandb]", "logger.log_model=true"))
     run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb"]["id"]
     train(plan_resume(str(tmp_path / "run"), ["trainer.max_epochs=2"]).config)
     sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -119,6 +119,7 @@ def test_wandb_offline_run_and_its_resume_keep_one_run_id(tmp_path, tiny_imagefo
     for session in sessions:  # W&B's offline record stream (binary; wandb has no offline reader): what it holds
         records = (session / f"run-{run_id}.wandb").read_bytes()
         assert b"val/acc" in records and b"optimizer.lr" in records  # the metrics and the config as params
+        assert f"model-{run_id}".encode() in records  # logger.log_model: the checkpoint as a model artifact
     files = sessions[-1] / "files"
     assert (files / "summary.json").is_file() and (files / "config.yaml").is_file()  # the run's own files
     assert (tmp_path / "run" / "metrics.csv").is_file()  # beside metrics.csv
