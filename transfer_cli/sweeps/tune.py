@@ -132,7 +132,8 @@ def trials_done(study: Any) -> int:
     return sum(t.state.is_finished() and t.number not in rerun for t in trials)
 
 
-def run_trial(study: Any, space: dict[str, Any], base: list[str], study_dir: Path) -> JobRecord:
+def run_trial(study: Any, space: dict[str, Any], base: list[str], study_dir: Path, monitor: str, mode: str
+              ) -> JobRecord:
     """One trial: sample, compose, train in <study dir>/<trial number>, tell Optuna how it went."""
     from optuna.trial import TrialState
 
@@ -144,16 +145,15 @@ def run_trial(study: Any, space: dict[str, Any], base: list[str], study_dir: Pat
     trial = study.ask(space)
     run_dir = study_dir / str(trial.number)
     sampled = [_as_override(k, v) for k, v in trial.params.items()]
-    record = JobRecord(job=str(trial.number), overrides=[*base, *sampled], status="interrupted", monitor="",
-                       mode="", run_dir=str(run_dir), error="started, never finished (killed?)",
+    record = JobRecord(job=str(trial.number), overrides=[*base, *sampled], status="interrupted", monitor=monitor,
+                       mode=mode, run_dir=str(run_dir), error="started, never finished (killed?)",
                        extra={"optuna_trial": trial.number})
     started = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_record(record)  # until the trial ends: a kill leaves it "interrupted" in the summary
     try:
         cfg = as_schema(compose([DEFAULT_SPACE, *base, *sampled, f"paths.output_dir={run_dir}"]))
-        record.monitor, record.mode = cfg.callbacks.monitor, cfg.callbacks.mode
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_record(record)  # until the trial ends: a kill leaves it "interrupted" in the summary
-        pruning = PruneOnMonitor(trial, cfg.callbacks.monitor)
+        pruning = PruneOnMonitor(trial, monitor)
         train(cfg, callbacks=[pruning])
         value = objective(run_dir, record.monitor, record.mode)
         outcome = run_outcome(run_dir, record.monitor, record.mode)
@@ -174,8 +174,7 @@ def run_trial(study: Any, space: dict[str, Any], base: list[str], study_dir: Pat
         if not isinstance(err, TransferError):
             log.error("trial %d failed", trial.number, exc_info=err)
     record.wall_time_s = round(time.time() - started, 1)
-    if run_dir.is_dir():
-        write_record(record)
+    write_record(record)
     return record
 
 
@@ -229,7 +228,8 @@ def tune(args: list[str]) -> dict[str, Any]:
           f"{direction} {cfg.callbacks.monitor} over {', '.join(space_text)}", flush=True)
     # The trials' overrides are the user's plus the sampled ones; the space and its folder are the study's.
     keep = [o for o in base if not o.split("=", 1)[0].lstrip("+~").startswith("tune.")]
-    records = [run_trial(study, space, keep, study_dir) for _ in range(left)]
+    records = [run_trial(study, space, keep, study_dir, cfg.callbacks.monitor, cfg.callbacks.mode)
+               for _ in range(left)]
     summary = build_summary(study_dir, cfg.callbacks.monitor, cfg.callbacks.mode)
     failed = sum(r.status == "failed" for r in records)
     return {"study_dir": str(study_dir), "storage": storage, "trials": len(study.trials), "ran": len(records),
