@@ -30,14 +30,6 @@ from transfer_cli.training.mistakes import label_errors, rank_outcomes
 CLASSES = ("cat", "dog", "red", "green")
 PROBE = ("trainer.max_epochs=2", "augmentation=none", "transfer=feature_extract", "optimizer.lr=0.05",
          "transfer.cache_features=false")
-NOTES = Path("/work/notes/issue18_pngs")  # example PNGs kept for the issue's resolution note, when that folder exists
-
-
-def keep_png(path: Path, name: str) -> None:
-    if NOTES.is_dir():
-        shutil.copy(path, NOTES / name)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """4 classes, train/val/test; two test images carry a wrong label (a red and a green image filed as cat)."""
@@ -86,10 +78,9 @@ def test_eval_lists_the_misclassified_worst_first_and_the_most_confused(tiny_run
         assert pair["count"] == matrix[i, j] > 0 and i != j
     assert sum(p["count"] for p in report["most_confused"]) == len(wrong)  # every off-diagonal cell (< 10 pairs)
     assert json.loads((tmp_path / "eval_report.json").read_text())["most_confused"] == report["most_confused"]
-    for key, name in (("top_losses_png", "top_losses.png"), ("gradcam_png", "gradcam_top_losses.png")):
+    for key in ("top_losses_png", "gradcam_png"):
         with Image.open(report[key]) as png:
             assert png.format == "PNG" and png.width > 400
-        keep_png(Path(report[key]), name)
 
 
 def test_multilabel_misclassified_means_another_label_set():
@@ -123,7 +114,6 @@ def test_explain_writes_one_overlay_per_image_for_the_predicted_class(tiny_run, 
     assert result.targets == result.predicted and len(result.files) == len(good)
     with Image.open(result.files[0]) as png:
         assert png.format == "PNG" and png.width > 300
-    keep_png(result.files[0], "explain_overlay.png")
     assert explain(run_dir, good[0], tmp_path / "dog", target="dog").targets == ["dog"]
     with pytest.raises(TransferError, match="did you mean dog"):
         explain(run_dir, good[0], tmp_path / "x", target="dgo")

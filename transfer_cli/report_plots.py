@@ -49,7 +49,7 @@ def write_class_distribution(report: dict, output: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("images")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ratio = report.get("imbalance_ratio")
     title = f"{len(names)} classes; train imbalance (largest/smallest) " + (f"{ratio:g}" if ratio else "unbounded")
     if len(names) > len(shown):

@@ -211,9 +211,11 @@ def export_command(args: list[str]) -> None:
     if result.format == "timm":
         print(f"wrote {result.path}: model.safetensors, config.json (label names, preprocessing), README.md; load it "
               f'with timm.create_model("local-dir:{result.path}", pretrained=True)')
-    else:
-        print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
-              f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
+        print(f"max abs logit diff of timm's load vs the checkpoint on batches of {', '.join(map(str, CHECK_BATCHES))}:"
+              f" {result.max_abs_diff:.3g} (atol {options['atol']:g})")
+        return
+    print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
+          f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
     print(f"max abs diff vs PyTorch on batches of {', '.join(map(str, CHECK_BATCHES))}: {result.max_abs_diff:.3g} "
           f"(atol {options['atol']:g})")
 

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -97,7 +98,7 @@ def model_card(restored: Any, name: str, licence: str, load_as: str) -> str:
     if evaluation.get("metrics"):
         results += [f"| {key} ({evaluation.get('split')}, `transfer eval`) | {value:.4f} |"
                     for key, value in evaluation["metrics"].items()]
-    command = "transfer train " + " ".join(overrides) if overrides else None
+    command = "transfer train " + " ".join(shlex.quote(o) for o in overrides) if overrides else None
     lines = [
         "---", "library_name: timm", f"license: {licence}", "pipeline_tag: image-classification",
         "tags:", "- image-classification", "- timm", "- transfer-cli", "---", "",
@@ -156,14 +157,14 @@ def _check(folder: Path, reference: Any, names: list[str], data_config: dict, at
     import timm
     import torch
 
-    from transfer_cli.commands.export import sample_inputs
+    from transfer_cli.commands.export import CHECK_BATCHES, sample_inputs
 
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     if list(loaded.pretrained_cfg.get("label_names") or []) != list(names):
         raise TransferError(f"{folder} lost its label names", "report this as a bug")
     diff = 0.0
     meta = {"input_size": data_config["input_size"], "mean": data_config["mean"], "std": data_config["std"]}
-    for seed, batch in enumerate((1, 3), start=1):
+    for seed, batch in enumerate(CHECK_BATCHES, start=1):
         inputs = sample_inputs(meta, batch, seed)
         with torch.inference_mode():
             diff = max(diff, float((loaded(inputs) - reference(inputs)).abs().max()))
