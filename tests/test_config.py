@@ -109,19 +109,38 @@ def registries():
     from transfer_cli.training.optim import OPTIMIZERS
     from transfer_cli.training.schedules import SCHEDULES
     from transfer_cli.training.tta import VIEWS
+    from transfer_cli.tracking.trackers import TRACKERS
+    from transfer_cli.sweeps.tune import PRUNERS
+    from transfer_cli.sweeps.tune import SAMPLERS as TUNE_SAMPLERS
 
     return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES),
             ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
             ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
-            ("data.elpv_task", ELPV_CLASSES), ("trainer.compile", COMPILE_MODES)]
+            ("data.elpv_task", ELPV_CLASSES), ("trainer.compile", COMPILE_MODES), ("logger", TRACKERS),
+            ("tune.sampler", TUNE_SAMPLERS), ("tune.pruner", PRUNERS)]
 
 
 def test_every_registry_holds_exactly_the_names_its_choice_allows():
-    from transfer_cli.config.choices import ALIASES, choices
+    from transfer_cli.config.choices import ALIASES, FLAG_GROUPS, choices
 
     allowed = choices()
     for key, registry in registries():
-        assert sorted(registry) == sorted(set(allowed[key]) - set(ALIASES.get(key, ()))), key
+        names_off = set(ALIASES.get(key, ())) | set(FLAG_GROUPS.get(key, ()))
+        assert sorted(registry) == sorted(set(allowed[key]) - names_off), key
+
+
+def test_a_flag_group_option_switches_on_its_own_flag():
+    """logger=mlflow means logger.mlflow=true, and options combine: logger=[csv,wandb]."""
+    from transfer_cli.config.choices import FLAG_GROUPS
+
+    for group, off in FLAG_GROUPS.items():
+        flags = [o for o in GROUPS[group] if o not in off]
+        for option in flags:
+            assert compose([f"{group}={option}"])[group][option] is True, (group, option)
+        both = compose([f"{group}=[{flags[0]},{flags[-1]}]"])[group]
+        assert both[flags[0]] is True and both[flags[-1]] is True
+        for option in off:
+            assert not any(compose([f"{group}={option}"])[group][f] for f in flags)
 
 
 @pytest.mark.parametrize("key,group", [(k, g) for k, g in

@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_run_overrides
 
 from transfer_cli.cli import main
+from transfer_cli.errors import TransferError
 from transfer_cli.sweeps.summary import build_summary
 
 
@@ -128,34 +129,106 @@ def test_slurm_launcher_and_ddp_trainer_compose(tmp_path):
 
 def optuna_trials(db, study_name="default"):
     import optuna
-    from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
-    return [t.state for t in study.trials], TrialState
+    return optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}").trials
+
+
+def states(trials):
+    return [t.state.name for t in trials]
+
+
+def test_search_space_grammar_maps_to_optuna_distributions():
+    optuna = pytest.importorskip("optuna", minversion="4")
+    from transfer_cli.sweeps.tune import distribution
+
+    d = optuna.distributions
+    assert distribution("optimizer.lr", "tag(log, interval(1e-4, 3e-2))") == d.FloatDistribution(1e-4, 3e-2, log=True)
+    assert distribution("x", "int(interval(1, 8))") == d.IntDistribution(1, 8)
+    assert distribution("x", "interval(1, 8)") == d.FloatDistribution(1.0, 8.0)  # Hydra's interval is a float one
+    assert distribution("x", "range(2, 10, 2)") == d.IntDistribution(2, 8, step=2)
+    assert distribution("model.head_hidden_dim", "choice(0, 256)") == d.CategoricalDistribution([0, 256])
+    assert distribution("optimizer", "adamw,sgd") == d.CategoricalDistribution(["adamw", "sgd"])
+    with pytest.raises(TransferError, match="single value"):
+        distribution("optimizer.lr", "0.1")
+
+
+def test_tune_without_optuna_names_the_extra(monkeypatch):
+    from transfer_cli.sweeps.tune import distribution
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as when the package is not installed: import fails
+    with pytest.raises(TransferError) as err:
+        distribution("optimizer.lr", "interval(0.1, 1)")
+    assert "needs Optuna" in err.value.message and err.value.fix.startswith("pip install 'transfer-cli[optuna]'")
+
+
+def test_train_points_a_search_space_to_transfer_tune(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "transfer_cli", "train", "-m", "hparams_search=optuna"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    err = " ".join(out.stderr.split())
+    assert "search space of `transfer tune`" in err and "fix: transfer tune hparams_search=optuna" in err
+
+
+def tune_args(root, study, *extra):
+    return [*tiny_args(root), f"tune.dir={study}", *extra]
+
+
+def test_tune_prunes_a_lagging_trial_and_records_a_failing_one(tmp_path, tiny_imagefolder):
+    optuna = pytest.importorskip("optuna", minversion="4")
+    from transfer_cli.sweeps.tune import tune
+
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    db = study_dir / "optuna.db"
+    # A finished trial whose val/loss was 0 at every epoch: any real run lags it from its first epoch on.
+    study = optuna.create_study(storage=f"sqlite:///{db}", study_name="default", direction="minimize")
+    lr = optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"optimizer.lr": 1e-3}, distributions={"optimizer.lr": lr},
+                                              value=0.0, intermediate_values={0: 0.0, 1: 0.0}))
+    args = tune_args(tiny_imagefolder, study_dir, "trainer.max_epochs=2", "callbacks.monitor=val/loss",
+                     "callbacks.mode=min", "tune.startup_trials=1", "tune.warmup_epochs=0")
+    result = tune([*args, "tune.n_trials=2"])  # one trial done: one more runs, and is pruned after epoch 1
+    trials = optuna_trials(db)
+    assert states(trials) == ["COMPLETE", "PRUNED"] and result["ran"] == 1
+    assert list(trials[1].intermediate_values) == [0]  # reported once, then stopped
+    record = json.loads((study_dir / "1" / "job.json").read_text())
+    assert record["status"] == "pruned" and record["epochs"] == 1 and "pruned after epoch 1" in record["error"]
+    assert set(trials[1].params) == {"optimizer.lr", "optimizer.weight_decay", "model.head_hidden_dim"}
+
+    # A sampled value the run rejects: the trial is marked failed, recorded, and the study goes on.
+    result = tune([*args, "tune.n_trials=3", "optimizer=sgd", "optimizer.momentum=choice(-1.0)"])
+    trials = optuna_trials(db)
+    assert states(trials) == ["COMPLETE", "PRUNED", "FAIL"] and result["failed"] == 1
+    record = json.loads((study_dir / "2" / "job.json").read_text())
+    assert record["status"] == "failed" and "momentum" in record["error"]
+    assert "optimizer.momentum=-1.0" in record["overrides"] and "optimizer=sgd" in record["overrides"]
+    rows = summary_rows(study_dir)
+    assert sorted(r["status"] for r in rows) == ["failed", "pruned"]  # the trial added by hand has no run dir
 
 
 @pytest.mark.slow
 def test_interrupted_optuna_study_continues_to_n_trials(tmp_path, tiny_imagefolder):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweep = tmp_path / "study"
-    args = ["train", "-m", *tiny_args(tiny_imagefolder), "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-            f"hydra.sweep.dir={sweep}"]
+    pytest.importorskip("optuna", minversion="4")
+    study_dir = tmp_path / "study"
+    args = ["tune", *tune_args(tiny_imagefolder, study_dir, "tune.n_trials=3", "tune.pruner=none")]
     # Kill the first session (SIGKILL, no clean-up) once its second trial has started: the first is done.
     first = subprocess.Popen([sys.executable, "-m", "transfer_cli", *args], cwd=tmp_path, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(list(sweep.glob("*/.hydra/overrides.yaml"))) < 2 and time.time() < deadline and first.poll() is None:
+    while not (study_dir / "1" / "job.json").is_file() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    states, TrialState = optuna_trials(sweep / "optuna.db")
-    assert states.count(TrialState.COMPLETE) == 1, states  # one trial done, the next one cut off
+    assert states(optuna_trials(study_dir / "optuna.db")) == ["COMPLETE", "RUNNING"]
 
     out = transfer(*args, cwd=tmp_path)  # the same command again
     assert out.returncode == 0, out.stderr[-3000:]
-    states, TrialState = optuna_trials(sweep / "optuna.db")
-    assert states.count(TrialState.COMPLETE) == 3, states
-    assert states.count(TrialState.RUNNING) == 0
-    rows = summary_rows(sweep)
-    assert sum(r["status"] == "ok" for r in rows) == 3
-    assert all("optimizer.lr=" in r["overrides"] for r in rows if r["status"] == "ok")
+    assert "1 of 3 trials done, 1 interrupted (queued again); running 2 more" in " ".join(out.stdout.split())
+    trials = optuna_trials(study_dir / "optuna.db")
+    assert states(trials) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # the killed one failed, then re-run
+    assert trials[2].user_attrs["rerun_of"] == 1 and trials[2].params == trials[1].params  # re-run first
+    rows = summary_rows(study_dir)
+    assert sorted(r["status"] for r in rows) == ["interrupted", "ok", "ok", "ok"]
+    assert all("optimizer.lr=" in r["overrides"] for r in rows)
+    again = transfer(*args, cwd=tmp_path)  # nothing left to run
+    assert again.returncode == 0 and "3 of 3 trials done; running 0 more" in " ".join(again.stdout.split())

@@ -16,7 +16,7 @@ examples:
                  trainer=gpu trainer.precision=bf16-mixed
   transfer train debug=fast_dev_run                 # one batch through everything
   transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep, summarised in its sweep dir
-  transfer train -m hparams_search=optuna           # an Optuna search (pip install 'transfer-cli[optuna]')
+  transfer tune tune.n_trials=20                    # an Optuna study with pruning (pip install 'transfer-cli[optuna]')
   transfer train --help                             # every config group and key
 """
 
@@ -59,6 +59,30 @@ def _export(args: list[str]) -> None:
     export_command(args)
 
 
+def _data_report(args: list[str]) -> None:
+    from transfer_cli.commands.data_report import data_report_command  # no torch: paths, headers, hashes
+
+    data_report_command(args)
+
+
+def _explain(args: list[str]) -> None:
+    from transfer_cli.commands.explain import explain_command
+
+    explain_command(args)
+
+
+def _push(args: list[str]) -> None:
+    from transfer_cli.commands.hub import push_command
+
+    push_command(args)
+
+
+def _tune(args: list[str]) -> None:
+    from transfer_cli.sweeps.tune import tune_command  # Optuna loads once the arguments are valid
+
+    tune_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -75,14 +99,24 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
                         _augment_preview),
     "lr-find": ("LR range test on the configured run: lr_find.png and the optimizer.lr to use [overrides] "
                 "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]", _lr_find),
+    "data-report": ("what the data holds: images per class and split, imbalance, sizes and modes, unreadable and "
+                    "duplicate files; data_report.json, class_distribution.png [data overrides] [output=DIR]",
+                    _data_report),
+    "tune": ("an Optuna study (search space: hparams_search=optuna, or 'key=interval(a,b)' ranges), pruned per epoch, "
+             "continued when run again [overrides] [tune.n_trials=20]", _tune),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
-    "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json "
-             "ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] [data.*=...] [eval.tta=...]", _eval),
+    "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json, "
+             "misclassified.csv, top_losses.png ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] "
+             "[top_losses=16] [cam=0] [data.*=...] [eval.tta=...]", _eval),
+    "explain": ("Grad-CAM overlays: where the network looks ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=DIR] "
+                "[target=<class>] [layer=<module>]", _explain),
     "predict": ("predict images with a checkpoint: one CSV row per image ckpt=<run dir|.ckpt> "
                 "input=<image|dir|csv> [output=predictions.csv] [topk=3]", _predict),
     "export": ("export a checkpoint with its preprocessing and class names, checked against PyTorch "
-               "ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [atol=1e-4]", _export),
+               "ckpt=<run dir|.ckpt> format=onnx|torchscript|timm [output=FILE] [atol=1e-4]", _export),
+    "push": ("export format=timm and upload it to the Hugging Face Hub ckpt=<run dir|.ckpt> repo=<user>/<name> "
+             "[private=false] [license=...]", _push),
 }
 
 

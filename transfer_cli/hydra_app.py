@@ -20,8 +20,6 @@ def _train_task(cfg: Any) -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from omegaconf import OmegaConf
-
     from transfer_cli.config.choices import check_choices
     from transfer_cli.config.compose import as_schema
 
@@ -32,9 +30,7 @@ def _train_task(cfg: Any) -> Any:
         check_choices(cfg)
         typed = as_schema(cfg)  # every value in range before torch loads
         if not is_child_rank():  # the run owns its dir (a DDP rank > 0 shares rank 0's)
-            # A continued Optuna study numbers its trials' dirs from 0 again; the study keeps its record.
-            continued_study = multirun and "optuna" in str(OmegaConf.select(hydra_cfg, "sweeper._target_") or "")
-            claim(run_dir, resuming=bool(typed.resume) or continued_study)
+            claim(run_dir, resuming=bool(typed.resume))
         from transfer_cli.train import train  # torch, Lightning and timm load only once the config is valid
 
         with relaunchable_job([str(o) for o in hydra_cfg.overrides.task], hydra_cfg.runtime.output_dir, multirun):
@@ -86,9 +82,7 @@ def _before_hydra(args: list[str], resuming: bool) -> None:
     if run_dir is not None and not other and not is_child_rank():
         claim(Path(run_dir), resuming=resuming)  # created and locked now, so Hydra writes .hydra/ into our dir
     sweep_dir = _explicit(args, "hydra.sweep.dir")
-    continues_a_study = any(a.startswith(("hparams_search=optuna", "hydra/sweeper=optuna")) for a in args)
-    if sweep_dir is not None and not continues_a_study and Path(sweep_dir).is_dir() \
-            and any(Path(sweep_dir).glob("*/job.json")):
+    if sweep_dir is not None and Path(sweep_dir).is_dir() and any(Path(sweep_dir).glob("*/job.json")):
         raise TransferError(f"the sweep dir {sweep_dir} holds an earlier sweep; its jobs would be written over",
                             "leave hydra.sweep.dir out (a new dir each sweep), or set hydra.sweep.dir=<a new folder>")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +20,7 @@ from transfer_cli.reporting import print_config_tree, print_summary
 from transfer_cli.resume.checkpoints import CHECKPOINT_DIR
 from transfer_cli.resume.fit import fit
 from transfer_cli.run_dir import claim, held_dirs, is_child_rank, release
+from transfer_cli.tracking.trackers import close_trackers, finish_trackers
 
 log = logging.getLogger("transfer_cli")
 
@@ -47,6 +48,20 @@ def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: TrainConfig) -> None:
         log.warning("could not write curves.png: %s: %s", type(e).__name__, e)
 
 
+def _write_data_report(splits: Any, run_dir: Path) -> None:
+    """The short data report (counts, imbalance, duplicates across splits) in the run dir and the log; like a
+    plot, it never fails a run."""
+    try:
+        from transfer_cli.commands.data_report import write_data_report
+        from transfer_cli.data.report import report_lines
+
+        report = write_data_report(splits, run_dir, headers=False)
+        for line in report_lines(report):
+            log.info(line)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not write data_report.json: %s: %s", type(e).__name__, e)
+
+
 def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str | None:
     """The checkpoint the end-of-run test loads; None tests the weights as training left them."""
     # A small validation split picks its epoch noisily; `last` takes that pick out of the measurement (with
@@ -56,8 +71,9 @@ def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str |
     return best_path
 
 
-def train(cfg: DictConfig | TrainConfig) -> dict:
-    """Train the run `cfg` describes (a composed config, or the schema's TrainConfig); returns its summary."""
+def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
+    """Train the run `cfg` describes (a composed config, or the schema's TrainConfig); returns its summary.
+    `callbacks`: more Lightning callbacks for this fit (transfer tune's pruning)."""
     started = time.time()
     typed = as_schema(cfg)
     if not typed.paths.output_dir:
@@ -70,24 +86,30 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
     if owned:  # the run owns its dir while it trains (the CLI took it already, before Hydra wrote into it)
         claim(run_dir, resuming=bool(typed.resume))
     try:
-        return _train(typed, run_dir, started)
+        return _train(typed, run_dir, started, callbacks)
     finally:
         if owned:
             release(run_dir)
 
 
-def _train(typed: TrainConfig, run_dir: Path, started: float) -> dict:
+def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequence[pl.Callback]) -> dict:
     print_config_tree(typed)
     OmegaConf.save(OmegaConf.structured(typed), run_dir / "config.yaml")
 
     run = build_run(typed, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
+    trainer.callbacks.extend(callbacks)
+    if trainer.is_global_zero:
+        _write_data_report(splits, run_dir)
     if typed.trainer.auto_batch_size:
         from transfer_cli.tuner import scale_batch_size
 
         scale_batch_size(run)
     try:  # or continue cfg.resume; exits 143/130 on SIGTERM/SIGINT
         fit(trainer, module, datamodule, typed.resume, run_dir)
+    except BaseException:
+        close_trackers(trainer.loggers)  # a later run in this process (a sweep, a tune) must not log into these
+        raise
     finally:  # also after a failure or an interrupt: the epochs that did finish are worth a look
         _write_curves(trainer, run_dir, typed)
 
@@ -132,6 +154,9 @@ def _train(typed: TrainConfig, run_dir: Path, started: float) -> dict:
             summary["test_mAP"] = _metric(trainer, "test/mAP")
     summary["wall_time_s"] = round(time.time() - started, 1)
     atomic_write_json(run_dir / "summary.json", summary)
+    model_file = best_path or summary["last_checkpoint"]
+    finish_trackers(trainer.loggers, run_dir, Path(model_file) if typed.logger.log_model and model_file else None)
+    close_trackers(trainer.loggers)
     print_summary(summary)
     return summary
 

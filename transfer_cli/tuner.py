@@ -81,11 +81,13 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
 
     from transfer_cli.assembly.run import build_run
     from transfer_cli.config.compose import as_schema
+    from transfer_cli.tracking.trackers import TRACKERS
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = as_schema(cfg)
     cfg.paths.output_dir = str(out_dir)
-    cfg.logger.csv = cfg.logger.tensorboard = False  # the finder's curve goes to lr_find.json instead
+    for tracker in TRACKERS:  # no tracker runs: the finder's curve goes to lr_find.json instead
+        setattr(cfg.logger, tracker, False)
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.yaml")
     run = build_run(cfg, out_dir)
     trainer = run.trainer

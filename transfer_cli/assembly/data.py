@@ -10,53 +10,23 @@ from typing import Callable, ContextManager, Optional
 import torch
 
 from transfer_cli.assembly.model import compile_mode
-from transfer_cli.config.schema import DataConfig, TrainConfig
+from transfer_cli.assembly.sources import SOURCES, discover  # noqa: F401 - re-exported: the data builders
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
-from transfer_cli.data.elpv import from_elpv
 from transfer_cli.data.feature_store import FeatureStore
 from transfer_cli.data.features import FeaturePass, feature_cache_plan
 from transfer_cli.data.gpu_decode import DeviceDecoder, resolve_decode
-from transfer_cli.data.imagefolder import from_imagefolder
 from transfer_cli.data.images import BadImages
 from transfer_cli.data.loaders import LoaderSettings, resolve_num_workers
-from transfer_cli.data.manifest import from_csv
 from transfer_cli.data.samplers import ResumeStart
-from transfer_cli.data.splits import DataSplits, check_splits
+from transfer_cli.data.splits import DataSplits
 from transfer_cli.data.transforms import Transforms, build_transform, build_transforms
-from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
 
 log = logging.getLogger("transfer_cli")
 
-# data=<name> (data.source): where the labelled samples come from
-SOURCES: dict[str, Callable[[DataConfig, str], DataSplits]] = {
-    "imagefolder": lambda d, task: from_imagefolder(d.root, d.val_fraction, d.test_fraction, d.split_seed),
-    "csv": lambda d, task: from_csv(d.csv, task == "multilabel", d.label_sep, d.val_fraction, d.test_fraction,
-                                    d.split_seed),
-    "elpv": lambda d, task: from_elpv(d.elpv_task, d.elpv_cell_type, d.val_fraction, d.test_fraction, d.split_seed),
-}
-
 # model.* keys that do not change what the backbone computes (they shape only the head)
 _HEAD_ONLY_KEYS = ("head_hidden_dim", "head_dropout")
-
-
-def discover(data: DataConfig, task: str = "multiclass") -> DataSplits:
-    """The samples the data group names, split into train/val[/test].
-
-    Splits that the source does not define are drawn with data.split_seed, never the training seed, so runs with
-    different seeds are compared on the same validation set. task=multilabel reads label sets, which only a CSV
-    manifest can express.
-    """
-    if task == "multilabel" and data.source != "csv":
-        raise TransferError(
-            f"task=multilabel needs several labels per image, but data.source={data.source} gives each image one "
-            "class",
-            "list the images in a CSV with labels such as cat;dog: data=csv data.csv=/path/to/labels.csv",
-        )
-    splits = SOURCES[data.source](data, task)
-    # data.val_fraction=0 asks for no validation (train on all but the test split)
-    check_splits(splits, allow_no_val=float(data.val_fraction) == 0)
-    return splits
 
 
 def loader_settings(cfg: TrainConfig) -> LoaderSettings:

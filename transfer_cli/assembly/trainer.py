@@ -11,7 +11,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.loggers import Logger
 
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
@@ -20,8 +20,10 @@ from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, checkpoint_step
 from transfer_cli.resume.replay import ResumePoint, SeedEveryBatch
 from transfer_cli.resume.signals import GracefulStop
 from transfer_cli.resume.step_checkpoint import StepCheckpoint
-from transfer_cli.tracking.csv_logger import MetricsCSV
 from transfer_cli.tracking.progress import ThrottledProgressBar
+from transfer_cli.tracking.trackers import (
+    TrackerContext, TrackerStart, build_trackers, enabled_trackers, flatten, read_runs,
+)
 from transfer_cli.training.ema import EMA
 
 # trainer.* keys that are ours, not arguments of pl.Trainer: applied to the network (assembly/model.py), or the
@@ -76,8 +78,10 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, 
         callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
     if cb.rich_progress and cfg.trainer.enable_progress_bar:
         callbacks.append(ThrottledProgressBar(leave=True))
-    if cfg.logger.csv or cfg.logger.tensorboard:
+    if enabled_trackers(cfg.logger):
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        # the resolved config to MLflow / W&B as params, and their run ids to trackers.json (for resume)
+        callbacks.append(TrackerStart(run_dir, flatten(dataclasses.asdict(cfg))))
     return callbacks
 
 
@@ -90,16 +94,11 @@ def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
     resumed_step = checkpoint_step(cfg.resume)  # None unless resuming
     if resumed_step is not None:  # a resumed run writes into its own, non-empty checkpoint dir on purpose
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    if cfg.logger.csv:  # run_dir/metrics.csv, continued on resume without the rows logged after the checkpoint
-        loggers.append(MetricsCSV(run_dir, resume_step=resumed_step))
-    if cfg.logger.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise TransferError("logger=tensorboard needs the tensorboard package", "pip install tensorboard")
-        # On resume, TensorBoard hides the events an interrupted run wrote after its checkpoint (purge_step).
-        purge = {} if resumed_step is None else {"purge_step": resumed_step}
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", **purge))
+    # logger=<names> (tracking/trackers.py TRACKERS); a resumed run continues its tracker runs (trackers.json)
+    context = TrackerContext(run_dir=run_dir, experiment=cfg.logger.experiment or cfg.name,
+                             run_name=cfg.logger.run_name or f"{cfg.name}/{run_dir.name}", tags=dict(cfg.logger.tags),
+                             resume_step=resumed_step, saved=read_runs(run_dir) if resumed_step is not None else {})
+    loggers += build_trackers(cfg.logger, context)
     return loggers
 
 

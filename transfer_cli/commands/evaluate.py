@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from transfer_cli.atomic import atomic_write_json
-from transfer_cli.config.args import Option, parse_command_args
+from transfer_cli.config.args import COUNT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir
 
@@ -28,6 +28,8 @@ OPTIONS = {
     "split": Option(str, None, help="the split to score (default: test if the data has one, else val)",
                     choices=SPLIT_CHOICES),
     "output": Option(str, None, help="folder for the report (default: <run dir>/eval)", example="eval_out"),
+    "top_losses": Option(COUNT, 16, help="a number (0: none) of highest-loss images in top_losses.png"),
+    "cam": Option(COUNT, 0, help="a number of highest-loss images shown with Grad-CAM (needs grad-cam)"),
 }
 # What may change between training and evaluation: the data, TTA, the threshold and where it runs.
 OVERRIDES = ("data", "data.", "eval.", "multilabel_threshold", "trainer.accelerator", "trainer.precision",
@@ -138,8 +140,45 @@ def _multilabel_metrics(cfg: Any, logits: Any, targets: Any, names: list[str]) -
     return metrics, per_class, matrices
 
 
+def _readable_paths(images: Any, split: str, count: int) -> list[str]:
+    """The paths of the images the loader delivered, in its order (unreadable ones dropped)."""
+    bad = {path for path, _ in images.bad_images}
+    paths = [path for path, _ in images.samples(split) if path not in bad]
+    if len(paths) != count:  # cannot happen unless the loader reorders: then no row may name the wrong file
+        raise RuntimeError(f"{count} outputs for {len(paths)} readable images of the {split} split")
+    return paths
+
+
+def _mistakes(restored: Any, logits: Any, targets: Any, matrix: Any, paths: list[str], out_dir: Path,
+              top_losses: int, cam: int, title: str) -> dict:
+    """misclassified.csv, top_losses.png, Grad-CAM of the worst (cam=k), and the most confused classes."""
+    from transfer_cli.commands.mistakes import (
+        CAM_NAME, MISCLASSIFIED_NAME, TOP_LOSSES_NAME, write_cam_grid, write_misclassified, write_top_losses,
+    )
+    from transfer_cli.training.mistakes import label_errors, most_confused, rank_outcomes
+
+    names, multilabel = restored.class_names, restored.task == "multilabel"
+    outcomes = rank_outcomes(logits, targets, names, restored.task, restored.threshold)
+    out: dict[str, Any] = {"misclassified": write_misclassified(outcomes, paths, out_dir / MISCLASSIFIED_NAME),
+                           "misclassified_csv": str(out_dir / MISCLASSIFIED_NAME)}
+    # multiclass: (true, predicted) pairs by count; multilabel: the labels most often missed or added
+    out["most_confused"] = label_errors(matrix, names) if multilabel else most_confused(matrix, names)
+    for name in (TOP_LOSSES_NAME, CAM_NAME):
+        (out_dir / name).unlink(missing_ok=True)  # this evaluation's pictures, not an earlier one's
+    if top_losses:
+        out["top_losses_png"] = str(write_top_losses(outcomes[:top_losses], paths, restored.data_config,
+                                                     out_dir / TOP_LOSSES_NAME, f"highest losses: {title}"))
+    if cam:
+        from transfer_cli.inference import pick_device
+
+        out["gradcam_png"] = str(write_cam_grid(restored.model, outcomes[:cam], paths, names, restored.data_config,
+                                                pick_device(restored.cfg.trainer.accelerator), out_dir / CAM_NAME,
+                                                f"Grad-CAM of the highest losses: {title}"))
+    return out
+
+
 def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None = None,
-             output: str | Path | None = None) -> dict:
+             output: str | Path | None = None, top_losses: int = 16, cam: int = 0) -> dict:
     """Score the checkpoint; returns the report (also written to <output>/eval_report.json)."""
     from transfer_cli.assembly.data import discover, image_data
     from transfer_cli.commands.restore import restore
@@ -148,6 +187,10 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
 
     started = time.time()
     chosen_dir = output_dir(output) if output else None  # refused before any work
+    if cam:  # before the checkpoint loads: a missing package should not cost a whole evaluation
+        from transfer_cli.models.gradcam import require_gradcam
+
+        require_gradcam()
     restored = restore(ckpt, overrides)
     cfg, names = restored.cfg, restored.class_names
     out_dir = chosen_dir or restored.run_dir / "eval"
@@ -183,6 +226,8 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
         # multiclass: rows = true class, columns = predicted; multilabel: per label [[TN, FP], [FN, TP]]
         "confusion_matrix": matrix,
         "confusion_matrix_png": str(png),
+        **_mistakes(restored, logits, targets, matrix, _readable_paths(images, split_name, len(targets)), out_dir,
+                    top_losses, cam, title),
         "wall_time_s": round(time.time() - started, 1),
     }
     if multilabel:
@@ -216,12 +261,26 @@ def print_report(report: dict) -> None:
         per.add_row(*[str(row[c]) if c in ("class", "support") else
                       ("-" if row[c] is None else f"{row[c]:.3f}") for c in columns])
     console.print(per)
-    console.print(f"report: {report['report']}\nconfusion matrix: {report['confusion_matrix_png']}", highlight=False)
+    confused = Table(title="most confused" if report["task"] != "multilabel" else "labels with the most errors",
+                     title_style="bold")
+    columns = ["true", "predicted", "count", "share_of_true"] if report["task"] != "multilabel" else \
+        ["label", "missed", "spurious", "errors"]
+    for col in columns:
+        confused.add_column(col.replace("_", " "), justify="left" if col in ("true", "predicted", "label") else "right")
+    for row in report["most_confused"]:
+        confused.add_row(*[f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns])
+    if report["most_confused"]:
+        console.print(confused)
+    files = [("report", "report"), ("confusion matrix", "confusion_matrix_png"),
+             (f"misclassified ({report['misclassified']})", "misclassified_csv"), ("top losses", "top_losses_png"),
+             ("Grad-CAM", "gradcam_png")]
+    console.print("\n".join(f"{label}: {report[key]}" for label, key in files if report.get(key)), highlight=False)
 
 
 def eval_command(args: list[str]) -> None:
     options, overrides = parse_command_args("eval", args, OPTIONS, OVERRIDES)
-    report = evaluate(options["ckpt"], overrides, split=options["split"], output=options["output"])
+    report = evaluate(options["ckpt"], overrides, split=options["split"], output=options["output"],
+                      top_losses=options["top_losses"], cam=options["cam"])
     print_report(report)
 
 

@@ -21,21 +21,22 @@ from typing import Any
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.args import POSITIVE_FLOAT, Option, parse_command_args
 from transfer_cli.errors import TransferError
-from transfer_cli.outputs import output_file
+from transfer_cli.outputs import output_dir, output_file
 
 log = logging.getLogger("transfer_cli")
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "timm")  # timm: a folder timm.create_model("local-dir:...") loads (commands/hub.py)
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 METADATA_FILE = "transfer.json"  # the TorchScript extra file; the ONNX metadata_props key is "transfer"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 CHECK_BATCHES = (1, 3)  # neither is the batch size exported with, so the check also covers the dynamic axis
 OPTIONS = {
     "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
-    "format": Option(str, "onnx", help="onnx or torchscript", choices=FORMATS),
+    "format": Option(str, "onnx", help="onnx, torchscript or timm", choices=FORMATS),
     "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx; a folder: "
-                                     "<folder>/model.onnx)", example="model.onnx"),
+                     "<folder>/model.onnx; timm: a folder, default <run dir>/export/timm)", example="model.onnx"),
     "atol": Option(POSITIVE_FLOAT, 1e-4, help="a positive tolerance on the largest absolute logit difference"),
+    "license": Option(str, None, help="format=timm: the model card's licence (default: the data's, if known)"),
 }
 EXPORT_EXTRA = 'pip install "transfer-cli[export]"  (or: pip install onnx onnxscript onnxruntime)'
 
@@ -156,7 +157,8 @@ def run_torchscript(path: Path, inputs: Any) -> tuple[Any, dict]:
     return outputs, json.loads(extra[METADATA_FILE])
 
 
-def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, atol: float = 1e-4) -> ExportResult:
+def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, atol: float = 1e-4,
+           licence: str | None = None) -> ExportResult:
     import numpy as np
     import torch
 
@@ -167,6 +169,14 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     if format not in FORMATS:
         raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
     source = resolve_checkpoint(ckpt)
+    if format == "timm":
+        from transfer_cli.commands.hub import export_timm
+
+        folder = output_dir(output) if output else None  # refused before any work: a file, a run's dir
+        restored = restore(source)
+        folder, diff = export_timm(restored, folder, licence, atol=atol)
+        metadata = {**export_metadata(restored), "exporter": "timm save_for_hf"}
+        return ExportResult(folder, folder / "config.json", format, diff, metadata)
     default = run_dir_of(source) / "export" / DEFAULT_NAMES[format]
     # Before any work: never over the checkpoint or a file that is not an earlier export (which has its sidecar).
     path = output_file(output or default, DEFAULT_NAMES[format], inputs=[source],
@@ -206,7 +216,13 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
 
 def export_command(args: list[str]) -> None:
     options, _ = parse_command_args("export", args, OPTIONS)
-    result = export(options["ckpt"], options["format"], options["output"], options["atol"])
+    result = export(options["ckpt"], options["format"], options["output"], options["atol"], options["license"])
+    if result.format == "timm":
+        print(f"wrote {result.path}: model.safetensors, config.json (label names, preprocessing), README.md; load it "
+              f'with timm.create_model("local-dir:{result.path}", pretrained=True)')
+        print(f"max abs logit diff of timm's load vs the checkpoint on batches of {', '.join(map(str, CHECK_BATCHES))}:"
+              f" {result.max_abs_diff:.3g} (atol {options['atol']:g})")
+        return
     print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
           f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
     print(f"max abs diff vs PyTorch on batches of {', '.join(map(str, CHECK_BATCHES))}: {result.max_abs_diff:.3g} "

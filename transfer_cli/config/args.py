@@ -36,7 +36,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 POSITIVE_INT = _positive_int
+COUNT = _count  # 0, 1, 2, ...
 POSITIVE_FLOAT = _positive_float
 
 
@@ -95,7 +103,7 @@ def parse_command_args(
     overrides: list[str] = []
     for arg in args:
         key, sep, text = arg.partition("=")
-        if not sep and not (override_prefixes is None and arg.startswith("~")):  # ~key deletes, Hydra's way
+        if not sep and not (arg.startswith("~") and _allowed(arg[1:], override_prefixes)):  # ~key deletes (Hydra)
             raise TransferError(f"`transfer {command}` takes key=value arguments, not '{arg}'",
                                 f"e.g. transfer {command} {_example(options)}")
         if key in options:
@@ -138,4 +146,5 @@ def _example(options: dict[str, Option]) -> str:
     return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required) or "key=value"
 
 
-__all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "ANY_OVERRIDE"]
+__all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "COUNT",
+           "ANY_OVERRIDE"]

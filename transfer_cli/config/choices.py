@@ -24,6 +24,10 @@ GROUP_CHOICES = {
     "scheduler.name": "scheduler",
 }
 ALIASES = {"scheduler.name": ("none",)}  # older configs said scheduler.name=none for constant
+# Config groups whose options combine (logger=[csv,mlflow]): each option switches on the boolean of its own name
+# under the group (logger.mlflow), the options listed here switch them all off; the registry behind the booleans
+# (tracking/trackers.py TRACKERS) is keyed by the other option names.
+FLAG_GROUPS = {"logger": ("none",)}
 
 # key -> allowed values, for the choices no config group makes
 ENUMS = {
@@ -41,6 +45,8 @@ ENUMS = {
     "scheduler.mode": ("max", "min"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "trainer.compile": ("false", "true", "default", "reduce-overhead", "max-autotune"),
+    "tune.sampler": ("tpe", "random"),
+    "tune.pruner": ("median", "hyperband", "none"),
 }
 
 
@@ -48,6 +54,7 @@ def choices() -> dict[str, list[str]]:
     """Every choice key and its allowed values."""
     groups = config_groups()
     out = {key: groups[group] + list(ALIASES.get(key, ())) for key, group in GROUP_CHOICES.items()}
+    out.update({group: groups[group] for group in FLAG_GROUPS})
     out.update({key: list(values) for key, values in ENUMS.items()})
     return out
 
@@ -57,6 +64,8 @@ def check_choices(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     for key, allowed in choices().items():
+        if key in FLAG_GROUPS:  # booleans, typed by the schema
+            continue
         value = OmegaConf.select(cfg, key)
         if value is not None and str(value) not in allowed and str(value).lower() in allowed:
             # `key=false` reaches a string field as "False" (Hydra parses it as a bool first): same choice.
@@ -70,4 +79,4 @@ def check_choices(cfg: Any) -> None:
             )
 
 
-__all__ = ["choices", "check_choices", "GROUP_CHOICES", "ENUMS", "ALIASES"]
+__all__ = ["choices", "check_choices", "GROUP_CHOICES", "ENUMS", "ALIASES", "FLAG_GROUPS"]

@@ -77,6 +77,8 @@ def check_overrides(overrides: list[str]) -> None:
                                         f"the options are: {', '.join(groups[key])}")
                 continue
             values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [value]
+            if len(values) == 1 and isinstance(values[0], list):  # several options of one group: logger=[csv,mlflow]
+                values = values[0] or [None]
             for value in values:
                 if value is None or str(value) == "null":
                     raise TransferError(f"'{key}=null' does not remove a config group", f"write ~{key} instead")

@@ -164,8 +164,18 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    # Which trackers a run logs to; the logger group's options (logger=mlflow, logger=[csv,mlflow,wandb]) each switch
+    # on the flag of their own name, logger=none switches all off. metrics.csv feeds curves.png and sweep summaries.
     csv: bool = True  # metrics.csv in the run dir
     tensorboard: bool = False  # tb/ in the run dir (needs the tensorboard package)
+    mlflow: bool = False  # an MLflow run (pip install 'transfer-cli[mlflow]')
+    wandb: bool = False  # a Weights & Biases run, offline unless WANDB_MODE says otherwise (transfer-cli[wandb])
+    experiment: Optional[str] = None  # the MLflow experiment / W&B project; None: the run's `name`
+    run_name: Optional[str] = None  # None: <name>/<run dir's name>
+    # mlflow: where runs are stored; None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
+    tracking_uri: Optional[str] = None
+    log_model: bool = False  # also upload the checkpoint the test scored (else the last one) to mlflow / wandb
+    tags: Dict[str, str] = field(default_factory=dict)  # extra run tags: +logger.tags.team=vision
 
 
 @dataclass
@@ -185,6 +195,23 @@ class CallbacksConfig:
 class EvalConfig:
     tta: str = "none"  # test-time augmentation in validation and test: none | hflip | flips | multicrop (logits averaged)
     multicrop_fraction: float = 0.875  # multicrop: side of the four corner crops and the centre crop
+
+
+@dataclass
+class TuneConfig:
+    # `transfer tune`: an Optuna study of trainings, each sampling `params`; the objective is the run's best
+    # callbacks.monitor (maximized for callbacks.mode=max). Set by hparams_search=<name> (configs/hparams_search/).
+    n_trials: int = 20  # trials of the study in all: running the command again continues it up to this many
+    # config key -> a range in Hydra's sweep grammar: interval(1e-4, 1e-2), tag(log, interval(...)), integers
+    # int(interval(1, 8)), choice(a, b), range(1, 5); a config group too (optimizer: choice(adamw, sgd))
+    params: Dict[str, str] = field(default_factory=dict)
+    sampler: str = "tpe"  # tpe | random (seeded by `seed`)
+    pruner: str = "median"  # median | hyperband | none: stop a trial whose monitor lags, judged after each epoch
+    startup_trials: int = 5  # trials that run to the end before the pruner judges any
+    warmup_epochs: int = 1  # epochs of each trial before it may be pruned
+    study_name: Optional[str] = None  # None: the run's name
+    dir: Optional[str] = None  # the study's folder (trials, optuna.db, summary); None: multirun/<name>/optuna_<study>
+    storage: Optional[str] = None  # an Optuna storage URL; None: sqlite:///<dir>/optuna.db
 
 
 @dataclass
@@ -210,6 +237,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 

@@ -58,7 +58,7 @@ def _validate_name(name: str) -> Optional[str]:
     raise TransferError(what + hint, fix)
 
 
-def _hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:
+def hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:
     """Quick TCP connect to the hub endpoint. The hub client itself retries for ~45 s before giving up offline."""
     from huggingface_hub import constants
 
@@ -89,7 +89,7 @@ def _hub_offline_if_unreachable() -> Iterator[bool]:
     """
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or _hub_reachable():
+    if constants.HF_HUB_OFFLINE or hub_reachable():
         yield bool(constants.HF_HUB_OFFLINE)
         return
     logger.info("%s is unreachable; using the local Hugging Face cache only", constants.ENDPOINT)

@@ -36,6 +36,9 @@ SAFE_ON_RESUME = (
     "data.eval_batch_size",
     "logger.csv",
     "logger.tensorboard",
+    "logger.mlflow",  # switched on at a resume: a new tracker run from the resumed step on
+    "logger.wandb",
+    "logger.log_model",
     "callbacks.rich_progress",
     "callbacks.checkpoint_every_n_steps",
     "callbacks.early_stopping_patience",
@@ -183,6 +186,9 @@ def plan_resume(ref: str, overrides: list[str]) -> ResumePlan:
     run_dir = run_dir_of(ckpt)
     for ov in parsed:
         key = ov.key_or_group
+        if key == "logger":  # the group would replace every flag, also those the run was started with
+            raise TransferError("logger=... cannot be given when resuming; the run keeps its trackers",
+                                f"switch one on or off by its key: {resume_command(ref)} logger.mlflow=true")
         if ov.type == OverrideType.DEL or ov.is_sweep_override() or not _safe(key):
             new_run = " ".join(shlex.quote(o) for o in _later_wins([*original_overrides(run_dir), *rest]))
             # The weights fit only the network they trained: a change to the model starts from scratch.

@@ -3,8 +3,8 @@
 Registered in configs/hydra/default.yaml. It is what lets a sweep go on past a failing job: Hydra 1.3's
 sweepers re-raise a failed job's exception once its batch is done (BasicSweeper reads `JobReturn.return_value`),
 which would end the sweep before `on_multirun_end` and leave no summary. So `on_job_end` records the failure in
-job.json and hands the sweeper a completed job without a value (Optuna then marks that trial failed and the
-study goes on).
+job.json and hands the sweeper a completed job without a value (a value-driven sweeper then records a failed
+trial and goes on). Optuna studies run through `transfer tune` (sweeps/tune.py), which records its trials alike.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.errors import TransferError
 from transfer_cli.sweeps.records import JobRecord, NoValue, run_outcome, write_record
@@ -64,19 +64,6 @@ class SweepRecorder(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         LAST_SWEEP.clear()
         LAST_SWEEP.update(sweep_dir=str(config.hydra.sweep.dir), jobs=0, failed=0)
-        target = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
-        if "optuna" in target.lower():
-            from transfer_cli.sweeps.optuna_study import trials_left
-
-            direction = str(OmegaConf.select(config, "hydra.sweeper.direction") or "")
-            wanted = "maximize" if str(config.callbacks.mode) == "max" else "minimize"
-            if direction and wanted not in direction:
-                log.warning("the Optuna study should %s %s (callbacks.mode=%s) but hydra.sweeper.direction=%s: "
-                            "add hydra.sweeper.direction=%s", wanted, config.callbacks.monitor,
-                            config.callbacks.mode, direction, wanted)
-            left = trials_left(config.hydra.sweeper)
-            with read_write(config.hydra.sweeper), open_dict(config.hydra.sweeper):
-                config.hydra.sweeper.n_trials = left  # read by the sweeper, which is built after this call
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._started[str(config.hydra.runtime.output_dir)] = time.time()

@@ -8,8 +8,8 @@ from transfer_cli.errors import TransferError
 
 # (override prefix, plugin module, what to install)
 PLUGINS = [
-    ("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "pip install 'transfer-cli[optuna]'"),
-    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "pip install 'transfer-cli[optuna]'"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "pip install hydra-optuna-sweeper (Optuna 2 only); "
+     "or drive current Optuna with pruning: transfer tune"),
     ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "pip install 'transfer-cli[slurm]'"),
     ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "pip install 'transfer-cli[slurm]'"),
 ]
@@ -24,6 +24,9 @@ def _installed(module: str) -> bool:
 
 def check_plugins(args: list[str]) -> None:
     for arg in args:
+        if arg.lstrip("+").startswith("hparams_search="):  # a search space belongs to the command that searches
+            raise TransferError(f"`{arg}` is a search space of `transfer tune`, which runs the Optuna study",
+                                "transfer tune " + " ".join(a for a in args if a not in ("-m", "--multirun")))
         for prefix, module, install in PLUGINS:
             if arg.startswith(prefix) and not _installed(module):
                 raise TransferError(f"`{arg}` needs the Hydra plugin {module.split('.')[-1]}, which is not installed",
