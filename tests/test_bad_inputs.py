@@ -310,3 +310,18 @@ def test_every_shipped_experiment_runs_one_batch(tmp_path, data):
 
     jobs = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/job.json")]
     assert len(jobs) == len(config_groups()["experiment"]) and all(j["status"] == "ok" for j in jobs), jobs
+
+
+def test_byte_identical_images_across_splits_are_counted_and_warned_about(tmp_path, caplog):
+    from conftest import tiny_cfg
+
+    from transfer_cli.train import train
+
+    root = _make_image_folder(tmp_path / "d")
+    shutil.copy(root / "train" / "cat" / "img000.png", root / "val" / "cat" / "copy.png")  # a leak into val
+    with caplog.at_level("WARNING", logger="transfer_cli"):
+        summary = train(tiny_cfg(tmp_path, root, "trainer.max_epochs=1", "augmentation=none"))
+    assert summary["duplicates_across_splits"] == 2  # the two copies of one image
+    assert "leakage: 2 files are byte-identical" in caplog.text
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert {f["split"] for f in report["duplicates_across_splits"][0]["files"]} == {"train", "val"}

@@ -83,6 +83,13 @@ def epoch_rows(run_dir):
     return [(r["epoch"], r["step"], r["val/loss"], r["val/acc"]) for r in rows]
 
 
+def train_epoch_rows(run_dir):
+    """What each training epoch logged at its end: also the one a resume restarted in its middle."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_epoch")]
+    return [(r["epoch"], r["step"], r["train/loss_epoch"], r["train/acc"]) for r in rows]
+
+
 EXACT_CASES = {
     # fine-tuning with random crops and flips, stopped at an epoch boundary (after epoch 1 of 0..3)
     "fine_tune-epoch_end": (["transfer=fine_tune", "augmentation=light"], {"epoch_end": 1}),
@@ -115,8 +122,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, tiny
     diff = max_abs_diff(ref_w, res_w)
     print(f"{case}: max abs weight diff {diff}")  # recorded for the issue's note
     assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w), f"max abs diff {diff}"
-    # the same validation metrics, each epoch logged once in the continued metrics.csv
+    # the same validation and training metrics, each epoch logged once in the continued metrics.csv, one line end
     assert epoch_rows(tmp_path / "run") == epoch_rows(tmp_path / "ref")
+    assert train_epoch_rows(tmp_path / "run") == train_epoch_rows(tmp_path / "ref")
+    assert b"\r\n" not in (tmp_path / "run" / "metrics.csv").read_bytes()
     assert [r[0] for r in epoch_rows(tmp_path / "run")] == ["0", "1", "2", "3"]
     assert resumed["val_acc"] == reference["val_acc"]
 

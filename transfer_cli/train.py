@@ -48,9 +48,9 @@ def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: TrainConfig) -> None:
         log.warning("could not write curves.png: %s: %s", type(e).__name__, e)
 
 
-def _write_data_report(splits: Any, run_dir: Path) -> None:
+def _write_data_report(splits: Any, run_dir: Path) -> int:
     """The short data report (counts, imbalance, duplicates across splits) in the run dir and the log; like a
-    plot, it never fails a run."""
+    plot, it never fails a run. Returns how many files sit in another split byte for byte (leakage)."""
     try:
         from transfer_cli.commands.data_report import write_data_report
         from transfer_cli.data.report import report_lines
@@ -60,6 +60,13 @@ def _write_data_report(splits: Any, run_dir: Path) -> None:
             log.info(line)
     except Exception as e:  # noqa: BLE001
         log.warning("could not write data_report.json: %s: %s", type(e).__name__, e)
+        return 0
+    leaked = int(report["duplicate_files_across_splits"])
+    if leaked:  # the model is scored on images it trained on: val/test numbers read too high
+        log.warning("leakage: %d files are byte-identical copies of files in another split (%d groups, listed in "
+                    "%s); val/test scores count them as unseen. Remove the copies from all but one split.",
+                    leaked, len(report["duplicates_across_splits"]), run_dir / "data_report.json")
+    return leaked
 
 
 def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str | None:
@@ -99,8 +106,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     run = build_run(typed, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
     trainer.callbacks.extend(callbacks)
-    if trainer.is_global_zero:
-        _write_data_report(splits, run_dir)
+    leaked = _write_data_report(splits, run_dir) if trainer.is_global_zero else 0
     if typed.trainer.auto_batch_size:
         from transfer_cli.tuner import scale_batch_size
 
@@ -139,6 +145,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
         "feature_cache": run.feature_cache,
         "batch_size": int(datamodule.batch_size),  # trainer.auto_batch_size may have changed data.batch_size
         "bad_images": len(images.bad_images),
+        "duplicates_across_splits": leaked,  # byte-identical files in two splits: see data_report.json
         # seconds from the network built to the first optimizer step done (tracking/first_step.py)
         "first_step_latency_s": _seconds(run.first_step.first_step_s if run.first_step else None),
         "first_batch_latency_s": _seconds(run.first_step.first_batch_s if run.first_step else None),

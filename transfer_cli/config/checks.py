@@ -47,9 +47,9 @@ def _each(key: str, values: Optional[Iterable[Any]], check: Callable[[str, Any],
 
 def logged_metrics(task: str) -> list[str]:
     """The metric names a run logs (what callbacks.monitor and scheduler.monitor may watch)."""
-    names = ["loss", "acc"] + (["f1", "f1_micro"] if task == "multilabel" else [])
+    names = ["acc"] + (["f1", "f1_micro"] if task == "multilabel" else [])
     out = [f"train/{n}" for n in names] + ["train/loss_step", "train/loss_epoch"]
-    out += [f"val/{n}" for n in names] + (["val/mAP"] if task == "multilabel" else [])
+    out += [f"val/{n}" for n in ["loss", *names]] + (["val/mAP"] if task == "multilabel" else [])
     return out
 
 

@@ -18,13 +18,14 @@ from torch import nn
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.checkpoints import CHECKPOINT_KEY
 from transfer_cli.training.audit import audit_rows, check_consistency, print_audit, write_audit
+from transfer_cli.training.epoch_state import KEY as EPOCH_KEY
+from transfer_cli.training.epoch_state import EpochState
 from transfer_cli.training.finite import FiniteWatch, check_weights
 from transfer_cli.training.freezing import FreezePlan
 from transfer_cli.training.mixing import mix_batch
 from transfer_cli.training.schedules import LRSchedule
 
 log = logging.getLogger("transfer_cli")
-
 
 
 class TransferModule(pl.LightningModule):
@@ -51,6 +52,7 @@ class TransferModule(pl.LightningModule):
         self.channels_last = channels_last
         self.checkpoint_block = checkpoint_block or {}
         self.finite = FiniteWatch()
+        self.epoch = EpochState(metrics["train_metrics"])  # the training epoch's loss and metrics so far
         self._audited: Optional[frozenset] = None
 
     @property
@@ -82,8 +84,11 @@ class TransferModule(pl.LightningModule):
         # The step loss stays out of Lightning's progress-bar dict: Lightning turns what is there into Python
         # floats after every batch, a device sync per step on a GPU. The bar shows it anyway, read at its own
         # refresh rate (tracking/progress.py).
-        train = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=not train, batch_size=len(target))
+        if stage == "train":  # the epoch's mean is logged at its end, from what EpochState kept (also across a resume)
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(target))
+            self.epoch.add(loss, len(target))
+        else:
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(target))
         return loss
 
     def _log_metrics(self, stage: str) -> None:
@@ -93,6 +98,9 @@ class TransferModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.finite.check(self.current_epoch)
+        mean = self.epoch.mean_loss()
+        if mean is not None:
+            self.log("train/loss_epoch", mean, on_step=False, on_epoch=True)
         self._log_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -134,6 +142,7 @@ class TransferModule(pl.LightningModule):
             self._audit(trainable)
 
     def on_train_epoch_start(self) -> None:
+        self.epoch.reset()
         self._apply_freeze()
 
     def _audit(self, trainable: frozenset) -> None:
@@ -156,6 +165,7 @@ class TransferModule(pl.LightningModule):
         # The run's length is known now (and a resume has restored its step): the LR follows the schedule of the
         # config as it is now, also when trainer.max_epochs was extended.
         self.schedule.start(self.trainer)
+        self.epoch.apply(self.current_epoch, self.device)  # a run restored in the middle of an epoch continues it
         self._apply_freeze()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -163,3 +173,9 @@ class TransferModule(pl.LightningModule):
         self.finite.check(self.current_epoch)
         check_weights(checkpoint["state_dict"], f"the model at step {self.global_step}")
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_block
+        under_way = self.epoch.saved(self.current_epoch, self.trainer.num_training_batches)
+        if under_way is not None:
+            checkpoint[EPOCH_KEY] = under_way
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.epoch.restore_later(checkpoint.get(EPOCH_KEY))
