@@ -20,13 +20,24 @@ CURVE_PANELS = (
 )
 
 
-def _figure(**kwargs: Any) -> Any:
+def new_figure(**kwargs: Any) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # not pyplot: no global figure registry to leak figures into
 
     return Figure(layout="constrained", **kwargs)
+
+
+def save_figure(fig: Any, output: Path, dpi: int = 110, **kwargs: Any) -> Path:
+    """`fig` as an image file (its format from the suffix), written atomically like every file the tool writes."""
+    import io
+
+    from transfer_cli.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=(Path(output).suffix.lstrip(".") or "png").lower(), dpi=dpi, **kwargs)
+    return atomic_write_bytes(output, buffer.getvalue())
 
 
 def epoch_series(metrics_csv: Path) -> dict[str, dict[int, float]]:
@@ -61,7 +72,7 @@ def write_curves(metrics_csv: Path, output: Path | None = None, title: str = "")
     panels = [(name, lines) for name, lines in panels if lines]
     if not panels:
         return None
-    fig = _figure(figsize=(5.0 * len(panels), 3.6))
+    fig = new_figure(figsize=(5.0 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, lines) in zip(axes, panels):
         for points, label in lines:
@@ -76,7 +87,7 @@ def write_curves(metrics_csv: Path, output: Path | None = None, title: str = "")
     if title:
         fig.suptitle(title, fontsize=10)
     output = Path(output) if output is not None else metrics_csv.parent / CURVES_NAME
-    fig.savefig(output, dpi=110)
+    save_figure(fig, output)
     return output
 
 
@@ -91,7 +102,7 @@ def write_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequenc
     rows = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
     side = min(2.0 + 0.55 * n, 24.0)
-    fig = _figure(figsize=(side + 1.5, side))
+    fig = new_figure(figsize=(side + 1.5, side))
     ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
@@ -107,7 +118,7 @@ def write_confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequenc
     if title:
         ax.set_title(title, fontsize=10)
     output = Path(output)
-    fig.savefig(output, dpi=110)
+    save_figure(fig, output)
     return output
 
 
@@ -118,7 +129,7 @@ def write_label_matrices(matrices: Sequence[Any], class_names: Sequence[str], ou
     n = len(class_names)
     cols = min(n, 6)
     rows = math.ceil(n / cols)
-    fig = _figure(figsize=(2.2 * cols, 2.3 * rows))
+    fig = new_figure(figsize=(2.2 * cols, 2.3 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -139,7 +150,7 @@ def write_label_matrices(matrices: Sequence[Any], class_names: Sequence[str], ou
     if title:
         fig.suptitle(title, fontsize=10)
     output = Path(output)
-    fig.savefig(output, dpi=110)
+    save_figure(fig, output)
     return output
 
 

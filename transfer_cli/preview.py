@@ -70,6 +70,7 @@ def augment_preview(args: list[str]) -> Path:
     from transfer_cli.assembly.run import build_data
     from transfer_cli.data.images import BadImage, ImageDataset
     from transfer_cli.data.transforms import build_transform
+    from transfer_cli.plots import save_figure
     from transfer_cli.training.mixing import build_mixup, mix_batch
 
     # Only the preprocessing is needed, not the weights: nothing to download (a weights file or a named source
@@ -118,9 +119,7 @@ def augment_preview(args: list[str]) -> Path:
     h, w = images.image_shape[1:]
     fig.suptitle(f"augmentation={cfg.augmentation.name}: original | augmented ({w}x{h}, {len(pairs)} samples)",
                  fontsize=9)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    return output
+    return save_figure(fig, output, dpi=100)
 
 
 __all__ = ["augment_preview", "parse_args"]

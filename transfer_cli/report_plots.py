@@ -1,29 +1,21 @@
 """The PNGs of the data report and of the mistakes: the class distribution per split, and image grids (the worst
 predictions of `transfer eval`, Grad-CAM overlays of `transfer explain`).
 
-matplotlib is imported inside each function (Agg backend, through plots._figure), so importing this costs nothing;
+matplotlib is imported inside each function (Agg backend, through plots.new_figure), so importing this costs nothing;
 every PNG goes through the one atomic write.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from transfer_cli.atomic import atomic_write_bytes
-from transfer_cli.plots import _figure
+from transfer_cli.plots import new_figure, save_figure
 
 CLASS_DISTRIBUTION_NAME = "class_distribution.png"
 SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}
 MAX_BAR_CLASSES = 60  # beyond this the largest classes are shown, with a note
-
-
-def save_figure(fig: Any, output: Path, dpi: int = 110) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return atomic_write_bytes(output, buffer.getvalue())
 
 
 def write_class_distribution(report: dict, output: Path) -> Path:
@@ -35,7 +27,7 @@ def write_class_distribution(report: dict, output: Path) -> Path:
     shown = names[:MAX_BAR_CLASSES]
     splits = list(per_class)
     height = max(2.5, 0.3 * len(shown) * max(1, len(splits)) / 2 + 1.2)
-    fig = _figure(figsize=(7.0, min(height, 30.0)))
+    fig = new_figure(figsize=(7.0, min(height, 30.0)))
     ax = fig.subplots()
     y = np.arange(len(shown))
     bar = 0.8 / len(splits)
@@ -62,7 +54,7 @@ def write_image_grid(tiles: Sequence[dict], output: Path, title: str = "", colum
     """Tiles of {"image": (H, W, 3) array in [0, 1], "title": str, "bad": bool (a red title)}."""
     rows = max(1, math.ceil(len(tiles) / columns))
     cols = min(columns, max(1, len(tiles)))
-    fig = _figure(figsize=(2.9 * cols, 3.2 * rows))
+    fig = new_figure(figsize=(2.9 * cols, 3.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -74,4 +66,4 @@ def write_image_grid(tiles: Sequence[dict], output: Path, title: str = "", colum
     return save_figure(fig, Path(output))
 
 
-__all__ = ["write_class_distribution", "write_image_grid", "save_figure", "CLASS_DISTRIBUTION_NAME"]
+__all__ = ["write_class_distribution", "write_image_grid", "CLASS_DISTRIBUTION_NAME"]

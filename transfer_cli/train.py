@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.assembly.run import build_run
 from transfer_cli.assembly.trainer import resolve_precision
-from transfer_cli.atomic import atomic_write_json
+from transfer_cli.atomic import atomic_write_json, atomic_write_text
 from transfer_cli.config.compose import as_schema
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
@@ -101,7 +101,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) 
 
 def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequence[pl.Callback]) -> dict:
     print_config_tree(typed)
-    OmegaConf.save(OmegaConf.structured(typed), run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(typed)))
 
     run = build_run(typed, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.atomic import atomic_write_json
+from transfer_cli.atomic import atomic_write_json, atomic_write_text
 from transfer_cli.config.args import (
     ANY_OVERRIDE, POSITIVE_FLOAT, POSITIVE_INT, Option, parse_command_args, take_run_dir,
 )
@@ -81,6 +81,7 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
 
     from transfer_cli.assembly.run import build_run
     from transfer_cli.config.compose import as_schema
+    from transfer_cli.plots import save_figure
     from transfer_cli.tracking.trackers import TRACKERS
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     cfg.paths.output_dir = str(out_dir)
     for tracker in TRACKERS:  # no tracker runs: the finder's curve goes to lr_find.json instead
         setattr(cfg.logger, tracker, False)
-    OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.yaml")
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     run = build_run(cfg, out_dir)
     trainer = run.trainer
     # Only training losses matter: enough epochs for num_training steps on a small data set, no validation.
@@ -108,7 +109,7 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     ax = fig.axes[0]
     ax.set_title(f"LR range test: {cfg.model.backbone}, {cfg.optimizer.name}"
                  + (f", suggested lr {suggestion:.3g}" if suggestion is not None else ", no suggestion"))
-    fig.savefig(out_dir / PLOT_NAME, dpi=120, bbox_inches="tight")
+    save_figure(fig, out_dir / PLOT_NAME, dpi=120, bbox_inches="tight")
     plt.close(fig)
     lrs = [float(v) for v in finder.results["lr"]]
     losses = [float(v) for v in finder.results["loss"]]

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.atomic import atomic_write_json
+from transfer_cli.atomic import TEMP_SUFFIX, atomic_write_json
 from transfer_cli.config.args import POSITIVE_FLOAT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir, output_file
@@ -163,7 +164,6 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     import torch
 
     from transfer_cli.commands.restore import restore
-
     from transfer_cli.resume.checkpoints import resolve_checkpoint, run_dir_of
 
     if format not in FORMATS:
@@ -186,31 +186,33 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = export_metadata(restored)
     write, run = (export_onnx, run_onnx) if format == "onnx" else (export_torchscript, run_torchscript)
-    exporter = write(model, sample_inputs(metadata, 2, seed=0), path, metadata)
-    metadata["exporter"] = exporter
-    sidecar = path.with_name(path.name + ".json")
-    atomic_write_json(sidecar, metadata)
-
-    diff = 0.0
-    for seed, batch in enumerate(CHECK_BATCHES, start=1):
-        inputs = sample_inputs(metadata, batch, seed)
-        with torch.inference_mode():
-            expected = model(inputs).numpy()
-        got, embedded = run(path, inputs)
-        if got.shape != expected.shape:
-            diff = float("inf")
-            break
-        diff = max(diff, float(np.abs(got - expected).max()))
-        if embedded["class_names"] != metadata["class_names"]:
-            raise TransferError(f"{path} lost its metadata", "report this as a bug")
-    if not diff <= atol:
-        path.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
-        raise TransferError(
-            f"the exported {format} model differs from PyTorch by up to {diff:.3g} (> atol={atol:g}); "
-            "the file was removed",
-            "try the other format (format=torchscript / format=onnx), or accept the difference with e.g. atol=1e-3",
-        )
+    # Written under a temporary name and checked there; only a file that passed takes the name (atomically), so
+    # an earlier export stays whole until its replacement is known to be right.
+    draft = path.with_name(f".{path.stem}{TEMP_SUFFIX}{path.suffix}")
+    try:
+        metadata["exporter"] = write(model, sample_inputs(metadata, 2, seed=0), draft, metadata)
+        diff = 0.0
+        for seed, batch in enumerate(CHECK_BATCHES, start=1):
+            inputs = sample_inputs(metadata, batch, seed)
+            with torch.inference_mode():
+                expected = model(inputs).numpy()
+            got, embedded = run(draft, inputs)
+            if got.shape != expected.shape:
+                diff = float("inf")
+                break
+            diff = max(diff, float(np.abs(got - expected).max()))
+            if embedded["class_names"] != metadata["class_names"]:
+                raise TransferError(f"{path} lost its metadata", "report this as a bug")
+        if not diff <= atol:
+            raise TransferError(
+                f"the exported {format} model differs from PyTorch by up to {diff:.3g} (> atol={atol:g}); "
+                "nothing was written",
+                "try the other format (format=torchscript / format=onnx), or accept the difference with e.g. atol=1e-3",
+            )
+        os.replace(draft, path)
+    finally:
+        draft.unlink(missing_ok=True)
+    sidecar = atomic_write_json(path.with_name(path.name + ".json"), metadata)
     return ExportResult(path, sidecar, format, diff, metadata)
 
 

@@ -7,11 +7,13 @@ the same thing, also for a sweep that was interrupted.
 from __future__ import annotations
 
 import csv
+import io
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from transfer_cli.atomic import atomic_write_text
 from transfer_cli.errors import TransferError
 from transfer_cli.sweeps.records import JobRecord, collect_records
 
@@ -88,10 +90,11 @@ def _rows(summary: SweepSummary) -> list[dict[str, str]]:
 def write_csv(summary: SweepSummary, path: Path) -> None:
     rows = _rows(summary)
     fields = list(rows[0]) if rows else ["job", "overrides", "status", summary.monitor]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def write_markdown(summary: SweepSummary, path: Path) -> None:
@@ -108,7 +111,7 @@ def write_markdown(summary: SweepSummary, path: Path) -> None:
         cells = [row["rank"], r.job, _swept_text(r, summary.swept), r.status, row[summary.monitor], row["epochs"],
                  row["wall_time_s"], r.run_dir, r.error.splitlines()[0] if r.error else ""]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _as_number(text: str) -> Optional[float]:
@@ -123,6 +126,8 @@ def write_plot(summary: SweepSummary, path: Path) -> None:
 
     matplotlib.use("Agg")  # files only: no display on a cluster or in CI
     import matplotlib.pyplot as plt
+
+    from transfer_cli.plots import save_figure
 
     by_job = sorted(summary.records, key=lambda r: [int(p) if p.isdigit() else p for p in Path(r.job).parts])
     panels = 1 + len(summary.swept)
@@ -147,7 +152,7 @@ def write_plot(summary: SweepSummary, path: Path) -> None:
         ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set(title=key, xlabel=key, ylabel=summary.monitor)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
