@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 CURVES_NAME = "curves.png"
 CONFUSION_NAME = "confusion_matrix.png"
+PROBE_CURVE_NAME = "probe_curve.png"
 # Panels of curves.png: (title, [(metrics.csv column, legend label)]); a column that the run never logged is skipped.
 CURVE_PANELS = (
     ("loss", [("train/loss_epoch", "train"), ("val/loss", "val")]),
@@ -143,5 +144,29 @@ def write_label_matrices(matrices: Sequence[Any], class_names: Sequence[str], ou
     return output
 
 
-__all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "epoch_series", "CURVES_NAME",
-           "CONFUSION_NAME"]
+def write_probe_curve(result: Any, output: Path, title: str = "") -> Path:
+    """The linear probe's strength sweep (a training.probe.ProbeResult): val score and val loss against the L2
+    strength on a log axis, the chosen strength marked, so a choice at the grid's edge is plain to see."""
+    fig = _figure(figsize=(6.0, 3.6))
+    ax = fig.subplots()
+    chosen = result.strengths.index(result.strength)
+    ax.plot(result.strengths, result.val_scores, marker="o", markersize=3, color="C0", label=f"val {result.metric}")
+    ax.set_xscale("log")
+    ax.set_xlabel("L2 strength")
+    ax.set_ylabel(f"val {result.metric}", color="C0")
+    ax.grid(alpha=0.3)
+    loss_ax = ax.twinx()
+    loss_ax.plot(result.strengths, result.val_losses, marker="s", markersize=3, color="C1", label="val loss")
+    loss_ax.set_ylabel("val loss", color="C1")
+    ax.axvline(result.strength, color="C2", linestyle="--",
+               label=f"chosen {result.strength:.3g}: {result.metric} {result.val_scores[chosen]:.4f}")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0], fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    output = Path(output)
+    fig.savefig(output, dpi=110)
+    return output
+
+
+__all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "write_probe_curve", "epoch_series",
+           "CURVES_NAME", "CONFUSION_NAME", "PROBE_CURVE_NAME"]
