@@ -19,7 +19,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
-from transfer_cli.data.sources import stratified_split
+from transfer_cli.data.splits import stratified_split
 from transfer_cli.plots import write_probe_curve
 from transfer_cli.training.probe import DEFAULT_STRENGTHS, fit_probe
 
@@ -248,15 +248,16 @@ def elpv_features():
     pytest.importorskip("elpv_dataset")
     from torch.utils.data import DataLoader
 
-    from transfer_cli.config.compose import compose
+    from transfer_cli.config.compose import as_schema, compose
     from transfer_cli.data.elpv import from_elpv
     from transfer_cli.data.images import ImageDataset
     from transfer_cli.data.transforms import eval_transform
     from transfer_cli.models.combined import build_backbone
 
-    cfg = compose(["experiment=demo", "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    cfg = as_schema(compose(["experiment=demo", "data.val_fraction=0.2", "data.test_fraction=0.2"]))
     backbone, data_config = build_backbone(cfg.model, cfg.data)
-    splits = from_elpv(cfg.data)
+    d = cfg.data
+    splits = from_elpv(d.elpv_task, d.elpv_cell_type, d.val_fraction, d.test_fraction, d.split_seed)
     paths = [p for p, _ in splits.train + splits.val + splits.test]
     loader = DataLoader(ImageDataset([(p, 0) for p in paths], eval_transform(data_config)), batch_size=64)
     backbone = backbone.eval().to(memory_format=torch.channels_last)
@@ -268,13 +269,11 @@ def elpv_features():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["binary", "four_class"])
 def test_elpv_lite0_probe_matches_logistic_regression_cv(elpv_features, task):
-    from omegaconf import OmegaConf
-
     from transfer_cli.data.elpv import from_elpv
 
     cfg, by_path = elpv_features
-    data_cfg = OmegaConf.merge(cfg.data, {"elpv_task": task})
-    splits = from_elpv(data_cfg)  # the tool's split: 60/20/20, stratified by this task's labels
+    d = cfg.data  # the tool's split: 60/20/20, stratified by this task's labels
+    splits = from_elpv(task, d.elpv_cell_type, d.val_fraction, d.test_fraction, d.split_seed)
     parts = [splits.train, splits.val, splits.test]
     x = np.stack([by_path[p] for part in parts for p, _ in part])
     y = np.array([label for part in parts for _, label in part])
