@@ -163,9 +163,18 @@ def write_probe_curve(result: Any, output: Path, title: str = "") -> Path:
     ax.legend(handles=ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0], fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    output = Path(output)
-    fig.savefig(output, dpi=110)
-    return output
+    return _save(fig, Path(output))
+
+
+def _save(fig: Any, output: Path) -> Path:
+    """Through the one atomic write: a reader never sees half a PNG."""
+    import io
+
+    from transfer_cli.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(output, buffer.getvalue())
 
 
 __all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "write_probe_curve", "epoch_series",

@@ -41,6 +41,24 @@ def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: TrainConfig) -> None:
         log.warning("could not write curves.png: %s: %s", type(e).__name__, e)
 
 
+def _probe_summary(run: Any, run_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The linear probe that solved or started the head: its strength, fit time and the grid's val curve (also
+    as probe_curve.png); None when the run fitted none (or resumed past it)."""
+    probe = run.probe
+    if probe is None or probe.result is None:
+        return None
+    summary = {"use": "solved head" if probe.purpose == "solver" else "initial head", **probe.result.summary()}
+    if run.trainer.is_global_zero:
+        try:  # a plot never fails a run
+            from transfer_cli.plots import PROBE_CURVE_NAME, write_probe_curve
+
+            summary["curve"] = str(write_probe_curve(probe.result, run_dir / PROBE_CURVE_NAME,
+                                                     title=f"{cfg.name}: {cfg.model.backbone}, linear probe"))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not write %s: %s: %s", "probe_curve.png", type(e).__name__, e)
+    return summary
+
+
 def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str | None:
     """The checkpoint the end-of-run test loads; None tests the weights as training left them."""
     # A small validation split picks its epoch noisily; `last` takes that pick out of the measurement (with
@@ -101,6 +119,9 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
         "batch_size": int(datamodule.batch_size),  # trainer.auto_batch_size may have changed data.batch_size
         "bad_images": len(images.bad_images),
     }
+    probe = _probe_summary(run, run_dir, typed)
+    if probe is not None:
+        summary["probe"] = probe
     if typed.task == "multilabel":  # acc is the exact-match rate there; mAP is the headline
         summary.update(task=typed.task, val_mAP=best_or_last("val/mAP"), val_f1=best_or_last("val/f1"),
                        test_mAP=None)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from transfer_cli.assembly.data import cache_plan, discover, feature_pass, image_data, loader_settings, cached_views
 from transfer_cli.assembly.model import build_model, checkpoint_block, prepare_for_training, run_meta
 from transfer_cli.assembly.module import transfer_module
+from transfer_cli.assembly.probe import head_fit, head_solver, solver_config
 from transfer_cli.assembly.trainer import build_trainer
 from transfer_cli.config.compose import as_schema
 from transfer_cli.config.schema import TrainConfig
@@ -23,6 +24,7 @@ from transfer_cli.inference import autocast_for
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.replay import ResumePoint
 from transfer_cli.training.module import TransferModule
+from transfer_cli.training.probe_head import ProbeFit, ProbeModule
 
 log = logging.getLogger("transfer_cli")
 
@@ -39,6 +41,7 @@ class RunParts:
     module: TransferModule
     trainer: pl.Trainer
     feature_cache: bool
+    probe: Optional[ProbeFit] = None  # the linear probe that solves or starts the head, if the run fits one
 
     @property
     def features(self) -> Optional[FeatureSplits]:
@@ -70,20 +73,27 @@ def build_run(cfg: Any, run_dir: Path) -> RunParts:
     model, data_config = build_model(cfg, len(splits.class_names))
     meta = run_meta(cfg, splits, data_config, model)
     resume_point = ResumePoint()
-    trainer = build_trainer(cfg, run_dir, validate=bool(splits.val), resume_point=resume_point)
+    cache, why = cache_plan(cfg)
+    solve, solver_why = head_solver(cfg, cache)
+    trainer = build_trainer(solver_config(cfg) if solve else cfg, run_dir, validate=bool(splits.val),
+                            resume_point=resume_point)
     device = trainer.strategy.root_device
     images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt", device=device,
                         resume_start=resume_point.start)
-    cache, why = cache_plan(cfg)
     log.info("feature cache %s", why)
+    log.info("head solver: %s", solver_why)
     datamodule: pl.LightningDataModule = images
     if cache:
         datamodule = FeatureDataModule(feature_pass(cfg, images, model, device, autocast_for(device, cfg.trainer.precision)),
                                        loader_settings(cfg), views=cached_views(cfg), resume_start=resume_point.start)
     prepare_for_training(model, cfg, images=not cache)
     module = transfer_module(cfg, model, checkpoint_block(config_container(cfg), meta),
-                             inputs="features" if cache else "images", class_counts=splits.counts("train"))
-    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache)
+                             inputs="features" if cache else "images", class_counts=splits.counts("train"),
+                             module_class=ProbeModule if solve else TransferModule)
+    probe = head_fit(cfg, splits, images, datamodule, model, device, solve)
+    if probe is not None:
+        trainer.callbacks.append(probe)
+    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache, probe)
 
 
 __all__ = ["RunParts", "build_run", "build_data", "config_container"]

@@ -158,12 +158,13 @@ class FeaturePass:
             log.info("feature cache: stored %s features %s in %s", tag, tuple(x.shape), saved)
         return entry
 
-    def run(self) -> FeatureSplits:
+    def run(self, splits: Tuple[str, ...] = ("train", "val", "test")) -> FeatureSplits:
+        """The features of `splits` (those the data has), computed or read from the store."""
         images = self.images
         images.setup("fit")
         common = self._common()
         result = FeatureSplits()
-        for split in ("train", "val", "test"):
+        for split in splits:
             if not images.samples(split):
                 continue
             views = range(self.views) if split == "train" and self.views else [None]
