@@ -99,6 +99,7 @@ def test_configs_ship_with_the_package():
 def registries():
     """Every registry of builders keyed by a name users type, by the config key that chooses it."""
     from transfer_cli.assembly.data import SOURCES
+    from transfer_cli.assembly.probe import HEAD_SOLVERS
     from transfer_cli.data.augment import PRESETS
     from transfer_cli.data.elpv import ELPV_CLASSES
     from transfer_cli.data.samplers import SAMPLERS
@@ -112,7 +113,7 @@ def registries():
     return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES),
             ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
             ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
-            ("data.elpv_task", ELPV_CLASSES)]
+            ("data.elpv_task", ELPV_CLASSES), ("transfer.head_solver", HEAD_SOLVERS)]
 
 
 def test_every_registry_holds_exactly_the_names_its_choice_allows():

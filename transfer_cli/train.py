@@ -83,7 +83,7 @@ def train(cfg: DictConfig | TrainConfig) -> dict:
 
     run = build_run(typed, run_dir)
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
-    if typed.trainer.auto_batch_size:
+    if typed.trainer.auto_batch_size and not run.solved:  # a solved head fits all its rows at once
         from transfer_cli.tuner import scale_batch_size
 
         scale_batch_size(run)

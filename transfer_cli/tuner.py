@@ -80,8 +80,15 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     from transfer_cli.assembly.run import build_run
     from transfer_cli.config.compose import as_schema
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = as_schema(cfg)
+    from transfer_cli.assembly.data import cache_plan
+    from transfer_cli.assembly.probe import head_solver
+
+    if head_solver(cfg, cache_plan(cfg)[0])[0]:
+        raise TransferError(f"this run's head is solved, not stepped (transfer.head_solver={cfg.transfer.head_solver} "
+                            "picks lbfgs for a linear head on cached features): it has no learning rate to find",
+                            "to find the LR of the epoch loop instead, add transfer.head_solver=sgd")
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg.paths.output_dir = str(out_dir)
     cfg.logger.csv = cfg.logger.tensorboard = False  # the finder's curve goes to lr_find.json instead
     OmegaConf.save(OmegaConf.structured(cfg), out_dir / "config.yaml")

@@ -44,6 +44,11 @@ class RunParts:
     probe: Optional[ProbeFit] = None  # the linear probe that solves or starts the head, if the run fits one
 
     @property
+    def solved(self) -> bool:
+        """The head is solved as a linear probe (transfer.head_solver), not trained by optimizer steps."""
+        return self.probe is not None and self.probe.purpose == "solver"
+
+    @property
     def features(self) -> Optional[FeatureSplits]:
         """What the feature pre-pass computed or read (tensors, cache hits and misses), once the fit started."""
         return getattr(self.datamodule, "features", None)
