@@ -22,9 +22,10 @@ examples:
 
 
 def _train(args: list[str]) -> None:
-    from transfer_cli.config.compose import check_overrides
+    from transfer_cli.config.compose import check_overrides, own_data_defaults
     from transfer_cli.hydra_app import run_train_app
 
+    args = own_data_defaults(args)  # your data, no experiment: the defaults of the transfer mode, not the demo's
     check_overrides(args)
     run_train_app(args)
 

@@ -32,15 +32,16 @@ the binary problem OneVsRest would fit.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from transfer_cli.training.threads import cpu_threads_for
 
 # At 1e2 the predicted probabilities are close to the class prior. Strengths chosen on the real features measured
 # (1-2k training rows) lay between 3e-5 and 1, mostly 1e-3..0.3; the best strength shrinks roughly as 1/rows, so
@@ -125,34 +126,14 @@ def _score(logits: torch.Tensor, y: torch.Tensor, multilabel: bool, sample_w: Op
     return float((correct * sample_w).sum() / sample_w.sum())
 
 
-# A pass of a probe this small (rows x features x logits multiply-adds) runs on one CPU thread: its matrix products
-# take milliseconds, so a second thread mostly waits for the first, and far longer when other processes hold the
-# cores. Measured on a busy 2-core machine (load ~3.4), 50 L-BFGS iterations, 1 vs 2 threads: 0.05 vs 0.36 s at
-# 2e6 (the demo), 0.38 vs 1.36 s at 6.4e7, 1.0 vs 2.2 s at 2.6e8; /tmp/i16/scripts/threads_size.py in issue 16.
-_ONE_THREAD_WORK = 2**28
-
-
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, work: int) -> Iterator[None]:
-    if device.type != "cpu" or work >= _ONE_THREAD_WORK or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
               **options: Any) -> ProbeResult:
     """Fit a linear head on (train_x, train_y), its L2 strength chosen on (val_x, val_y); see the module docstring
-    and _fit_probe for the options. Small problems on a CPU are solved on one thread (_ONE_THREAD_WORK)."""
+    and _fit_probe for the options. Small problems on a CPU are solved on one thread (training/threads.py)."""
     device = torch.device(options.get("device") or train_x.device)
     logits = train_y.shape[-1] if options.get("multilabel") else int(options.get("num_classes") or 2)
     work = train_x.numel() * (1 if logits == 2 and not options.get("multilabel") else logits)
-    with _cpu_threads(device, work):
+    with cpu_threads_for(device, work):
         return _fit_probe(train_x, train_y, val_x, val_y, **options)
 
 
