@@ -15,6 +15,7 @@ examples:
   transfer train model.backbone=convnext_tiny transfer=fine_tune optimizer.lr=3e-4 \\
                  trainer=gpu trainer.precision=bf16-mixed
   transfer train debug=fast_dev_run                 # one batch through everything
+  transfer screen model.backbone=resnet50,convnext_tiny data=imagefolder data.root=~/data/flowers
   transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep, summarised in its sweep dir
   transfer train -m hparams_search=optuna           # an Optuna search (pip install 'transfer-cli[optuna]')
   transfer train --help                             # every config group and key
@@ -60,6 +61,12 @@ def _export(args: list[str]) -> None:
     export_command(args)
 
 
+def _screen(args: list[str]) -> None:
+    from transfer_cli.commands.screen import screen_command  # torch loads only once the arguments are valid
+
+    screen_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -78,6 +85,9 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
                 "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]", _lr_find),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
+    "screen": ("rank backbones and preprocessing by a converged linear probe on cached features "
+               "model.backbone=a,b,c [data overrides] [crop_pct=own,1.0] [image_size=own,...] "
+               "[interpolation=own,...] [output=DIR]", _screen),
     "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json "
              "ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] [data.*=...] [eval.tta=...]", _eval),
     "predict": ("predict images with a checkpoint: one CSV row per image ckpt=<run dir|.ckpt> "

@@ -166,6 +166,29 @@ def write_probe_curve(result: Any, output: Path, title: str = "") -> Path:
     return _save(fig, Path(output))
 
 
+def write_screen_plot(rows: Sequence[Any], output: Path) -> Path:
+    """`transfer screen`: each candidate's linear-probe val score as a bar, best at the top, its feature time
+    beside it (commands/screen.py ScreenRow)."""
+    rows = list(rows)
+    fig = _figure(figsize=(8.0, 1.2 + 0.32 * len(rows)))
+    ax = fig.subplots()
+    labels = [r.label for r in rows][::-1]
+    scores = [r.val_score for r in rows][::-1]
+    bars = ax.barh(range(len(rows)), scores, color=["C2" if i == len(rows) - 1 else "C0" for i in range(len(rows))])
+    ax.set_yticks(range(len(rows)), labels=labels, fontsize=8)
+    low = min(scores) if scores else 0.0
+    ax.set_xlim(max(0.0, low - 0.1 * (1 - low) - 0.02), 1.0)
+    for bar, row in zip(bars, rows[::-1]):
+        note = "cached" if row.images_per_s is None else f"{row.images_per_s:.0f} img/s"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row.val_score:.4f} ({note})",
+                va="center", fontsize=7)
+    metric = rows[0].metric if rows else "accuracy"
+    ax.set_xlabel(f"linear-probe val {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("transfer screen: backbones and preprocessing, by a converged linear probe", fontsize=10)
+    return _save(fig, Path(output))
+
+
 def _save(fig: Any, output: Path) -> Path:
     """Through the one atomic write: a reader never sees half a PNG."""
     import io
@@ -177,5 +200,6 @@ def _save(fig: Any, output: Path) -> Path:
     return atomic_write_bytes(output, buffer.getvalue())
 
 
-__all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "write_probe_curve", "epoch_series",
+__all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "write_probe_curve", "write_screen_plot",
+           "epoch_series",
            "CURVES_NAME", "CONFUSION_NAME", "PROBE_CURVE_NAME"]

@@ -55,6 +55,22 @@ def fit_probe_on_train(train_x: torch.Tensor, train_y: torch.Tensor, *, num_clas
                                          f"on all {len(train_y)} rows at strength {final.strength:.3g}")
 
 
+def fit_probe_on_splits(tensors: Dict[str, TensorDataset], *, num_classes: int, multilabel: bool = False,
+                        class_weights: Optional[Sequence[float]] = None, device: Optional[torch.device] = None,
+                        seed: int = 0) -> ProbeResult:
+    """The probe of a run's features: the strength chosen on val, or without one on a holdout of train."""
+    train, val = tensors["train"].tensors, tensors.get("val")
+    options = dict(num_classes=num_classes, multilabel=multilabel, class_weights=class_weights, device=device)
+    try:
+        if val is not None and len(val.tensors[1]):
+            return fit_probe(*train, *val.tensors, **options)
+        return fit_probe_on_train(*train, seed=seed, **options)
+    except ValueError as e:
+        raise TransferError(f"the linear probe could not be fitted: {e}",
+                            "check the data splits, or train the head by steps: transfer.head_solver=sgd "
+                            "transfer.head_init=random") from e
+
+
 def load_probe(head: nn.Module, linear: nn.Linear) -> None:
     """Copy the probe into the head's one Linear layer (a dropout before it may stay), in place: an optimizer built
     later, or already holding the parameters, trains these very tensors."""
@@ -84,19 +100,9 @@ class ProbeFit(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.resuming or self.result is not None:
             return
-        tensors = self.features()
-        train, val = tensors["train"].tensors, tensors.get("val")
-        options = dict(num_classes=self.num_classes, multilabel=self.multilabel, class_weights=self.class_weights,
-                       device=trainer.strategy.root_device)
-        try:
-            if val is not None and len(val.tensors[1]):
-                result = fit_probe(*train, *val.tensors, **options)
-            else:
-                result = fit_probe_on_train(*train, seed=self.seed, **options)
-        except ValueError as e:
-            raise TransferError(f"the linear probe could not be fitted: {e}",
-                                "check the data splits, or train the head by steps: transfer.head_solver=sgd "
-                                "transfer.head_init=random") from e
+        result = fit_probe_on_splits(self.features(), num_classes=self.num_classes, multilabel=self.multilabel,
+                                     class_weights=self.class_weights, device=trainer.strategy.root_device,
+                                     seed=self.seed)
         load_probe(pl_module.model.head, result.linear)
         self.result = result
         log.info("head %s: linear probe with L2 strength %.3g chosen on %s (%s %.4f there), %d L-BFGS iterations "
@@ -138,4 +144,4 @@ class ProbeModule(TransferModule):
         pass
 
 
-__all__ = ["ProbeFit", "ProbeModule", "SolvedHead", "fit_probe_on_train", "load_probe", "HOLDOUT"]
+__all__ = ["ProbeFit", "ProbeModule", "SolvedHead", "fit_probe_on_train", "fit_probe_on_splits", "load_probe", "HOLDOUT"]
