@@ -145,9 +145,11 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
             if splits is None:
                 splits = discover(cfg.data, cfg.task)
                 log.info("data: %s", splits.source_desc)
-            pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as build_run: a random init, its cache key, repeat
+            # Seeded as build_run seeds: a random init (and so its features' cache key) repeats, and is train's.
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
             model, data_config = build_model(cfg, len(splits.class_names))
-            used = (float(data_config["crop_pct"]), int(data_config["input_size"][-1]), str(data_config["interpolation"]))
+            used = (float(data_config["crop_pct"]), int(data_config["input_size"][-1]),
+                    str(data_config["interpolation"]))
             if used in seen:  # e.g. crop_pct=1.0 where the backbone's own crop is 1.0 already
                 continue
             seen.add(used)

@@ -144,4 +144,5 @@ class ProbeModule(TransferModule):
         pass
 
 
-__all__ = ["ProbeFit", "ProbeModule", "SolvedHead", "fit_probe_on_train", "fit_probe_on_splits", "load_probe", "HOLDOUT"]
+__all__ = ["ProbeFit", "ProbeModule", "SolvedHead", "fit_probe_on_train", "fit_probe_on_splits", "load_probe",
+           "HOLDOUT"]
