@@ -173,7 +173,9 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
                 feature_seconds=seconds, images_per_s=None if features.misses == 0 else computed / seconds,
                 params_m=sum(p.numel() for p in model.backbone.parameters()) / 1e6, cached=features.misses == 0,
                 overrides=named))
-            log.info("screen: %s: val %s %.4f", rows[-1].label, probe.metric, rows[-1].val_score)
+            r = rows[-1]
+            print(f"screen: {r.label}: val {r.metric} {r.val_score:.4f}; features "
+                  + ("read from the cache" if r.cached else f"computed in {r.feature_seconds:.0f} s"), flush=True)
             del model, images, features
             if device.type == "cuda":
                 torch.cuda.empty_cache()
