@@ -51,7 +51,7 @@ def test_a_named_experiment_or_recipe_keeps_its_settings_with_your_data():
     demo = compose(["experiment=demo", "data=imagefolder", "data.root=/data/flowers"])
     assert demo.name == "demo" and demo.data.batch_size == 128 and demo.data.source == "imagefolder"
     bare = compose(["recipe=none", "data.root=/data/flowers", "transfer=fine_tune"])
-    assert bare.name == "demo"  # recipe=none: no recipe, and the default experiment stays
+    assert (bare.name, bare.augmentation.name, bare.scheduler.warmup_epochs) == ("default", "light", 0)
     assert compose(["~experiment", "data.root=/data/flowers"]).name == "default"  # the schema's defaults
     assert compose([]) == compose(["experiment=demo"])
 

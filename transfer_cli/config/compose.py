@@ -89,12 +89,14 @@ DEFAULT_TRANSFER = "feature_extract"  # configs/train.yaml's transfer choice
 
 def own_data_defaults(overrides: list[str]) -> list[str]:
     """`transfer train` runs the demo (experiment=demo) unless the run names its own data. Then, with no experiment
-    named (nor a recipe, nor a resume), the demo gives way to the recipe of the run's transfer mode
+    named (nor a resume), the demo gives way to the recipe named, or else to the recipe of the run's transfer mode
     (configs/recipe/<transfer>.yaml), so that fine-tuning on your images does not inherit the demo's linear-probe
     settings."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")}
-    if keys & {"experiment", "recipe", "resume"} or not keys & OWN_DATA_KEYS:
+    if keys & {"experiment", "resume"} or not keys & OWN_DATA_KEYS:
         return list(overrides)
+    if "recipe" in keys:  # recipe=fine_tune, or recipe=none for the schema's defaults
+        return ["~experiment", *overrides]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
