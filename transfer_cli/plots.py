@@ -176,8 +176,8 @@ def write_screen_plot(rows: Sequence[Any], output: Path) -> Path:
     scores = [r.val_score for r in rows][::-1]
     bars = ax.barh(range(len(rows)), scores, color=["C2" if i == len(rows) - 1 else "C0" for i in range(len(rows))])
     ax.set_yticks(range(len(rows)), labels=labels, fontsize=8)
-    low = min(scores) if scores else 0.0
-    ax.set_xlim(max(0.0, low - 0.1 * (1 - low) - 0.02), 1.0)
+    low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    ax.set_xlim(max(0.0, low - 0.1 * (1 - low) - 0.02), min(1.0, high + 0.4 * (high - low) + 0.03))
     for bar, row in zip(bars, rows[::-1]):
         note = "cached" if row.images_per_s is None else f"{row.images_per_s:.0f} img/s"
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row.val_score:.4f} ({note})",

@@ -48,7 +48,7 @@ def lbfgs_blockers(cfg: TrainConfig, cached: bool) -> list[str]:
 def _auto(blockers: list[str]) -> tuple[bool, str]:
     if blockers:
         return False, "sgd (the epoch loop): " + "; ".join(blockers)
-    return True, "lbfgs: the linear head is solved to convergence, its L2 strength chosen on val"
+    return True, "lbfgs: the linear head is solved to convergence, its L2 strength chosen on val (training/probe.py)"
 
 
 def _lbfgs(blockers: list[str]) -> tuple[bool, str]:
