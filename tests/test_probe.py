@@ -60,7 +60,12 @@ def logistic_regression_cv_on_val(x, y, tr, va):
     return scaler, sklearn_quietly(model, scaler.transform(x[rows]), y[rows])
 
 
-def assert_chosen_is_strongest_best(result):
+def assert_chosen_has_the_lowest_val_loss(result):
+    best = min(result.val_losses)
+    assert result.strength == max(s for s, v in zip(result.strengths, result.val_losses) if v == best)
+
+
+def assert_chosen_is_strongest_best(result):  # multi-label: by val mAP
     best = max(result.val_scores)
     assert result.strength == max(s for s, v in zip(result.strengths, result.val_scores) if v == best)
 
@@ -78,27 +83,34 @@ def digits_probe(digits):
 
 
 def test_digits_probe_matches_logistic_regression_cv(digits, digits_probe):
+    """Over five splits: on one, the two choices of strength differ by a few test images either way."""
     x, y, tr, va, te = digits
+    ours, theirs = [], []
+    for seed in range(5):
+        tr_, va_, te_ = split(y, seed=seed)
+        result = digits_probe if seed == 0 else fit_probe(*t(x[tr_], y[tr_], x[va_], y[va_]))
+        scaler, reference = logistic_regression_cv_on_val(x, y, tr_, va_)
+        ours.append(accuracy(result, x[te_], y[te_]))
+        theirs.append(reference.score(scaler.transform(x[te_]), y[te_]))
+    assert np.mean(ours) >= np.mean(theirs) - 0.005, f"probe {ours} vs LogisticRegressionCV {theirs} on test"
+    assert min(ours) > 0.9
     result = digits_probe
-    scaler, reference = logistic_regression_cv_on_val(x, y, tr, va)
-    ours, theirs = accuracy(result, x[te], y[te]), reference.score(scaler.transform(x[te]), y[te])
-    assert ours >= theirs - 0.005, f"probe {ours:.4f} vs LogisticRegressionCV {theirs:.4f} on the test split"
-    assert ours > 0.9
     assert result.metric == "accuracy" and result.val_scores[result.index] == pytest.approx(accuracy(result, x[va], y[va]))
-    assert_chosen_is_strongest_best(result)
+    assert_chosen_has_the_lowest_val_loss(result)
     assert list(result.strengths) == sorted(result.strengths, reverse=True)
     assert len(result.strengths) == len(result.val_scores) == len(result.val_losses) == len(result.iterations)
     assert all(result.converged)
 
 
-def test_ties_go_to_the_stronger_regularization():
+def test_the_lowest_val_loss_chooses_where_accuracy_ties():
     x, y = load_iris(return_X_y=True)
     keep = y < 2  # setosa vs versicolor: linearly separable, so many strengths score a perfect 1.0 on val
     x, y = x[keep].astype(np.float32), y[keep]
     tr, va, _ = split(y, (0.5, 0.5, 0.0))
     result = fit_probe(*t(x[tr], y[tr], x[va], y[va]), patience=None)
     assert sum(v == 1.0 for v in result.val_scores) > 1
-    assert_chosen_is_strongest_best(result)
+    assert_chosen_has_the_lowest_val_loss(result)
+    assert result.val_scores[result.index] == 1.0
 
 
 @pytest.mark.parametrize("digits_kept", [(3, 5, 8), (3, 8)])
@@ -269,17 +281,21 @@ def elpv_features():
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["binary", "four_class"])
 def test_elpv_lite0_probe_matches_logistic_regression_cv(elpv_features, task):
+    """Mean test accuracy over five of the tool's 60/20/20 splits (stratified by this task's labels)."""
     from transfer_cli.data.elpv import from_elpv
 
     cfg, by_path = elpv_features
-    d = cfg.data  # the tool's split: 60/20/20, stratified by this task's labels
-    splits = from_elpv(task, d.elpv_cell_type, d.val_fraction, d.test_fraction, d.split_seed)
-    parts = [splits.train, splits.val, splits.test]
-    x = np.stack([by_path[p] for part in parts for p, _ in part])
-    y = np.array([label for part in parts for _, label in part])
-    tr, va, te = np.split(np.arange(len(y)), np.cumsum([len(p) for p in parts])[:-1])
-    result = fit_probe(*t(x[tr], y[tr], x[va], y[va]))
-    scaler, reference = logistic_regression_cv_on_val(x, y, tr, va)
-    ours, theirs = accuracy(result, x[te], y[te]), reference.score(scaler.transform(x[te]), y[te])
-    assert ours >= theirs - 0.005, f"{task}: probe {ours:.4f} vs LogisticRegressionCV {theirs:.4f} on the test split"
-    assert ours > (0.8 if task == "binary" else 0.7)
+    d = cfg.data
+    ours, theirs = [], []
+    for seed in range(5):
+        splits = from_elpv(task, d.elpv_cell_type, d.val_fraction, d.test_fraction, seed)
+        parts = [splits.train, splits.val, splits.test]
+        x = np.stack([by_path[p] for part in parts for p, _ in part])
+        y = np.array([label for part in parts for _, label in part])
+        tr, va, te = np.split(np.arange(len(y)), np.cumsum([len(p) for p in parts])[:-1])
+        result = fit_probe(*t(x[tr], y[tr], x[va], y[va]))
+        scaler, reference = logistic_regression_cv_on_val(x, y, tr, va)
+        ours.append(accuracy(result, x[te], y[te]))
+        theirs.append(reference.score(scaler.transform(x[te]), y[te]))
+    assert np.mean(ours) >= np.mean(theirs) - 0.005, f"{task}: probe {ours} vs LogisticRegressionCV {theirs}"
+    assert min(ours) > (0.8 if task == "binary" else 0.7)
