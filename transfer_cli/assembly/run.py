@@ -25,7 +25,7 @@ from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.replay import ResumePoint
 from transfer_cli.training.module import TransferModule
 from transfer_cli.training.probe_head import ProbeFit, ProbeModule
-from transfer_cli.training.threads import SmallWorkThreads
+from transfer_cli.threads import SmallWorkThreads
 
 log = logging.getLogger("transfer_cli")
 
@@ -99,7 +99,7 @@ def build_run(cfg: Any, run_dir: Path) -> RunParts:
     probe = head_fit(cfg, splits, images, datamodule, model, device, solve)
     if probe is not None:
         trainer.callbacks.append(probe)
-    if cache:  # a head on features: milliseconds a step, faster on one CPU thread (training/threads.py)
+    if cache:  # a head on features: milliseconds a step, faster on one CPU thread (threads.py)
         head_size = sum(p.numel() for p in model.head.parameters())
         trainer.callbacks.append(SmallWorkThreads(max(images.batch_size, images.eval_batch_size) * head_size))
     return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache, probe)

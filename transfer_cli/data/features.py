@@ -33,6 +33,7 @@ from transfer_cli.data.samplers import EpochViewSampler, ResumableSampler, Resum
 from transfer_cli.data.seeded import SeededItems
 from transfer_cli.errors import TransferError
 from transfer_cli.inference import infer
+from transfer_cli.threads import CalibratedCpuForward
 
 log = logging.getLogger("transfer_cli")
 
@@ -93,6 +94,7 @@ class FeaturePass:
         self.identity, self.views = identity, int(views)
         self.view_transform, self.augmentation = view_transform, augmentation
         self.seed = images.loading.seed
+        self._cpu_forward: Optional[CalibratedCpuForward] = None  # one calibration for every split of the pass
 
     def _common(self) -> dict:
         backbone = self.backbone
@@ -122,6 +124,10 @@ class FeaturePass:
         backbone = self.backbone.to(self.device).eval()
         if self.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
+        if self.device.type == "cpu":  # threads or one-thread chunks, whichever runs faster here (the first batches)
+            if self._cpu_forward is None:
+                self._cpu_forward = CalibratedCpuForward(backbone)
+            backbone = self._cpu_forward
         x, y = infer(backbone, loader, device=self.device, autocast=self.autocast, channels_last=self.channels_last,
                      prepare=lambda batch: self.images.strip_bad(batch, self.device), progress=f"features: {label}",
                      total=len(loader))

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transfer_cli.training.threads import cpu_threads_for
+from transfer_cli.threads import cpu_threads_for
 
 # At 1e2 the predicted probabilities are close to the class prior. Strengths chosen on the real features measured
 # (1-2k training rows) lay between 3e-5 and 1, mostly 1e-3..0.3; the best strength shrinks roughly as 1/rows, so
@@ -137,7 +137,7 @@ def _score(logits: torch.Tensor, y: torch.Tensor, multilabel: bool, sample_w: Op
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
               **options: Any) -> ProbeResult:
     """Fit a linear head on (train_x, train_y), its L2 strength chosen on (val_x, val_y); see the module docstring
-    and _fit_probe for the options. Small problems on a CPU are solved on one thread (training/threads.py)."""
+    and _fit_probe for the options. Small problems on a CPU are solved on one thread (threads.py)."""
     device = torch.device(options.get("device") or train_x.device)
     logits = train_y.shape[-1] if options.get("multilabel") else int(options.get("num_classes") or 2)
     work = train_x.numel() * (1 if logits == 2 and not options.get("multilabel") else logits)
