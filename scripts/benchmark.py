@@ -451,8 +451,9 @@ def timed_train(cfg) -> float:
 
 
 def section_c(args, root: Path, work: Path) -> Dict[str, Any]:
+    # The epoch loop with and without the cache (a solved head, transfer.head_solver=lbfgs, takes one pass).
     common = ["transfer=feature_extract", "augmentation=none", f"trainer.max_epochs={args.cache_epochs}",
-              f"transfer.cache_dir={work / 'feature_cache'}"]
+              f"transfer.cache_dir={work / 'feature_cache'}", "transfer.head_solver=sgd"]
     recompute = timed_train(run_cfg(args, root, work / "c_recompute", *common, "transfer.cache_features=false"))
     cold = timed_train(run_cfg(args, root, work / "c_cached", *common, "transfer.cache_features=true"))
     warm = timed_train(run_cfg(args, root, work / "c_cached_warm", *common, "transfer.cache_features=true"))

@@ -32,6 +32,36 @@ def test_default_is_the_demo():
     assert cfg.transfer.mode == "feature_extract"
 
 
+def test_own_data_without_an_experiment_starts_from_the_recipe_of_its_mode():
+    """The demo is the default only while the run names no data: fine-tuning a ConvNeXt on your images gets the
+    fine-tuning recipe (configs/recipe/fine_tune.yaml), not the demo's linear-probe settings, and its own name."""
+    cfg = compose(["data=imagefolder", "data.root=/data/flowers", "model.backbone=convnext_tiny", "transfer=fine_tune"])
+    assert cfg.name == "convnext_tiny_fine_tune" and cfg.data.source == "imagefolder"
+    assert (cfg.augmentation.name, cfg.augmentation.label_smoothing) == ("light", 0.1)
+    assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.scheduler.warmup_epochs) == (32, 1e-3, 1)
+    assert cfg.transfer.backbone_lr_scale == 0.1  # configs/transfer/fine_tune.yaml, under the recipe
+    probe = compose(["data.root=/data/flowers"])  # the default mode, feature_extract: a probe on cached features
+    assert probe.name == "resnet50_feature_extract" and probe.augmentation.name == "none"
+    assert probe.transfer.head_solver == "auto" and probe.data.test_fraction > 0
+    partial = compose(["data=csv", "data.csv=/x.csv", "transfer=partial", "augmentation=medium", "data.batch_size=8"])
+    assert (partial.name, partial.augmentation.name, partial.data.batch_size) == ("resnet50_partial", "medium", 8)
+
+
+def test_a_named_experiment_or_recipe_keeps_its_settings_with_your_data():
+    demo = compose(["experiment=demo", "data=imagefolder", "data.root=/data/flowers"])
+    assert demo.name == "demo" and demo.data.batch_size == 128 and demo.data.source == "imagefolder"
+    bare = compose(["recipe=none", "data.root=/data/flowers", "transfer=fine_tune"])
+    assert (bare.name, bare.augmentation.name, bare.scheduler.warmup_epochs) == ("default", "light", 0)
+    assert compose(["~experiment", "data.root=/data/flowers"]).name == "default"  # the schema's defaults
+    assert compose([]) == compose(["experiment=demo"])
+
+
+def test_a_sweep_over_transfer_on_your_data_asks_for_the_recipe():
+    with pytest.raises(TransferError) as err:
+        compose(["data.root=/x", "transfer=feature_extract,fine_tune"])
+    assert "recipe=none" in err.value.fix
+
+
 def test_overrides_reach_the_config():
     cfg = compose(["model.backbone=convnext_tiny", "transfer=fine_tune", "optimizer.lr=3e-4",
                    "trainer=gpu", "trainer.precision=bf16-mixed"])
@@ -100,6 +130,7 @@ def registries():
     """Every registry of builders keyed by a name users type, by the config key that chooses it."""
     from transfer_cli.assembly.data import SOURCES
     from transfer_cli.assembly.model import COMPILE_MODES
+    from transfer_cli.assembly.probe import HEAD_SOLVERS
     from transfer_cli.data.augment import PRESETS
     from transfer_cli.data.elpv import ELPV_CLASSES
     from transfer_cli.data.samplers import SAMPLERS
@@ -117,7 +148,7 @@ def registries():
             ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
             ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
             ("data.elpv_task", ELPV_CLASSES), ("trainer.compile", COMPILE_MODES), ("logger", TRACKERS),
-            ("tune.sampler", TUNE_SAMPLERS), ("tune.pruner", PRUNERS)]
+            ("tune.sampler", TUNE_SAMPLERS), ("tune.pruner", PRUNERS), ("transfer.head_solver", HEAD_SOLVERS)]
 
 
 def test_every_registry_holds_exactly_the_names_its_choice_allows():

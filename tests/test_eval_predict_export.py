@@ -83,7 +83,8 @@ def test_eval_reports_the_trainers_accuracy(tiny_run, tmp_path):
 
 def test_test_ckpt_last_scores_the_final_weights(tiny_run, tmp_path):
     _, _, root = tiny_run
-    summary = train(tiny_cfg(tmp_path, root, *PROBE, "trainer.max_epochs=3", "callbacks.test_ckpt=last"))
+    summary = train(tiny_cfg(tmp_path, root, *PROBE, "trainer.max_epochs=3", "callbacks.test_ckpt=last",
+                             "transfer.head_solver=sgd"))
     assert summary["test_checkpoint"] == summary["last_checkpoint"] != summary["best_checkpoint"]
     last = torch.load(summary["last_checkpoint"], map_location="cpu", weights_only=True)
     assert last["epoch"] == 2  # the final epoch's weights, whatever validation preferred

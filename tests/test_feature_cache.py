@@ -26,7 +26,9 @@ BACKBONE = "test_efficientnet"
 
 
 # Cached features of a frozen backbone; the cache is the test's own (conftest: TRANSFER_CACHE_DIR in tmp_path).
-CACHED = ("trainer.max_epochs=2", "transfer=feature_extract", "augmentation=none", "optimizer.lr=0.02")
+# The epoch loop on cached features (the converged probe, transfer.head_solver=lbfgs, is tests/test_probe_runs.py)
+CACHED = ("trainer.max_epochs=2", "transfer=feature_extract", "augmentation=none", "optimizer.lr=0.02",
+          "transfer.head_solver=sgd")
 
 
 def head_weights(summary):

@@ -199,6 +199,7 @@ def test_multilabel_trains_and_reports_mAP(tmp_path, transfer, augmentation, cac
         "model.pretrained=false", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
         "data.val_fraction=0.25", "data.test_fraction=0.15", f"transfer={transfer}", f"augmentation={augmentation}",
         "optimizer.lr=0.02", "scheduler.warmup_epochs=0", "trainer=cpu", f"trainer.max_epochs={epochs}",
+        "transfer.head_solver=sgd",
         "callbacks.rich_progress=false", "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'run'}",
     ])
     summary = train(cfg)

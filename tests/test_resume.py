@@ -139,7 +139,7 @@ def finished_run(tmp_path_factory):
     root = _make_image_folder(base / "data")
     with pytest.MonkeyPatch.context() as mp:  # its own feature cache, like every test's (conftest)
         mp.setenv("TRANSFER_CACHE_DIR", str(base / "feature-cache"))
-        train(compose(overrides(root, base / "run", "trainer.max_epochs=2", "augmentation=none")))
+        train(compose(overrides(root, base / "run", "trainer.max_epochs=2", "augmentation=none", "transfer.head_solver=sgd")))
     return base / "run"
 
 
@@ -216,7 +216,7 @@ def test_fingerprint_mismatch_stops_the_resume(tmp_path, make_image_folder):
     import numpy as np
 
     root = make_image_folder(tmp_path / "data")
-    train(compose(overrides(root, tmp_path / "run", "trainer.max_epochs=1", "augmentation=none")))
+    train(compose(overrides(root, tmp_path / "run", "trainer.max_epochs=1", "augmentation=none", "transfer.head_solver=sgd")))
     write_class_images(root / "train" / "bird", 2, 4, 32, np.random.default_rng(0))  # the data set changed
     write_class_images(root / "val" / "bird", 2, 2, 32, np.random.default_rng(1))
     plan = plan_resume(str(tmp_path / "run"), ["trainer.max_epochs=2"])
@@ -230,7 +230,7 @@ def test_fingerprint_mismatch_stops_the_resume(tmp_path, make_image_folder):
 def test_extending_max_epochs_follows_the_new_cosine_horizon(tmp_path, tiny_imagefolder):
     lr = 0.01
     cfg = compose(overrides(tiny_imagefolder, tmp_path / "run", "trainer.max_epochs=2", "augmentation=none",
-                            "scheduler=cosine", f"optimizer.lr={lr}", "logger=csv"))
+                            "scheduler=cosine", f"optimizer.lr={lr}", "logger=csv", "transfer.head_solver=sgd"))
     train(cfg)
     resumed = train(plan_resume(str(tmp_path / "run"), ["trainer.max_epochs=4"]).config)
     assert resumed["epochs"] == 4
@@ -355,7 +355,8 @@ def test_sigterm_saves_a_resumable_checkpoint_and_prints_the_command(tmp_path, r
 
 def test_a_resume_reads_its_checkpoint_from_disk_once(tmp_path, tiny_imagefolder, monkeypatch):
     """The plan, the fingerprint check, the metrics log and Lightning's restore share one read."""
-    train(compose(overrides(tiny_imagefolder, tmp_path / "run", "trainer.max_epochs=1", "augmentation=none")))
+    train(compose(overrides(tiny_imagefolder, tmp_path / "run", "trainer.max_epochs=1", "augmentation=none",
+                            "transfer.head_solver=sgd")))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     reads = []
     real_load = torch.load

@@ -14,7 +14,7 @@ from transfer_cli.errors import TransferError
 from transfer_cli.resume.plan import plan_resume
 from transfer_cli.train import train
 
-PROBE = ("trainer.max_epochs=1", "augmentation=none", "optimizer.lr=0.05", "trainer.log_every_n_steps=1")
+PROBE = ("trainer.max_epochs=1", "augmentation=none", "transfer.head_solver=sgd", "optimizer.lr=0.05", "trainer.log_every_n_steps=1")
 
 
 def test_logger_options_combine_and_each_switches_on_its_own_tracker():

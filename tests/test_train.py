@@ -47,7 +47,8 @@ def test_feature_extract_leaves_backbone_bitwise_unchanged(tmp_path, tiny_imagef
                                                            augmentation, cached):
     path, reference = backbone_file
     cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=feature_extract", f"model.weights={path}",
-                   f"augmentation={augmentation}", "trainer.max_epochs=4", "optimizer.lr=0.02")
+                   f"augmentation={augmentation}", "trainer.max_epochs=4", "optimizer.lr=0.02",
+                   "transfer.head_solver=sgd")
     summary = train(cfg)
     assert summary["feature_cache"] is cached
     ckpt = load_ckpt(summary["last_checkpoint"])
@@ -117,6 +118,7 @@ def test_val_fraction_zero_trains_on_all_but_the_test_split(tmp_path, make_image
     root = make_image_folder(tmp_path / "data", per_class=8, layout="flat")
     summary = train(tiny_cfg(tmp_path, root, *TWO_EPOCHS, "data.val_fraction=0", "data.test_fraction=0.25",
                              "callbacks.test_ckpt=last", "transfer=feature_extract", "augmentation=none",
+                             "transfer.head_solver=sgd",
                              f"transfer.cache_features={str(cached).lower()}"))
     assert (summary["train_size"], summary["val_size"], summary["test_size"]) == (12, 0, 4)
     assert summary["feature_cache"] is cached

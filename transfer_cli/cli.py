@@ -15,6 +15,7 @@ examples:
   transfer train model.backbone=convnext_tiny transfer=fine_tune optimizer.lr=3e-4 \\
                  trainer=gpu trainer.precision=bf16-mixed
   transfer train debug=fast_dev_run                 # one batch through everything
+  transfer screen model.backbone=resnet50,convnext_tiny data=imagefolder data.root=~/data/flowers
   transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep, summarised in its sweep dir
   transfer tune tune.n_trials=20                    # an Optuna study with pruning (pip install 'transfer-cli[optuna]')
   transfer train --help                             # every config group and key
@@ -22,9 +23,10 @@ examples:
 
 
 def _train(args: list[str]) -> None:
-    from transfer_cli.config.compose import check_overrides
+    from transfer_cli.config.compose import check_overrides, own_data_defaults
     from transfer_cli.hydra_app import run_train_app
 
+    args = own_data_defaults(args)  # your data, no experiment: the defaults of the transfer mode, not the demo's
     check_overrides(args)
     run_train_app(args)
 
@@ -83,6 +85,12 @@ def _tune(args: list[str]) -> None:
     tune_command(args)
 
 
+def _screen(args: list[str]) -> None:
+    from transfer_cli.commands.screen import screen_command  # torch loads only once the arguments are valid
+
+    screen_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -106,6 +114,9 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
              "continued when run again [overrides] [tune.n_trials=20]", _tune),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
+    "screen": ("rank backbones and preprocessing by a converged linear probe on cached features "
+               "model.backbone=a,b,c [data overrides] [crop_pct=own,1.0] [image_size=own,...] "
+               "[interpolation=own,...] [output=DIR]", _screen),
     "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json, "
              "misclassified.csv, top_losses.png ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] "
              "[top_losses=16] [cam=0] [data.*=...] [eval.tta=...]", _eval),

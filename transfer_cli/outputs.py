@@ -50,4 +50,16 @@ def output_dir(path: str | Path, option: str = "output") -> Path:
     return target
 
 
-__all__ = ["output_file", "output_dir"]
+def command_dir(chosen: Optional[str | Path], command: str) -> Path:
+    """The folder a command writes its files into: `chosen` (checked as output_dir), else a fresh
+    outputs/<command>/<date>_<time> of its own (`_2`, `_3`, ... when two start in the same second)."""
+    if chosen:
+        return output_dir(chosen)
+    import time
+
+    from transfer_cli.run_dir import fresh_dir
+
+    return Path(fresh_dir(f"outputs/{command}/{time.strftime('%Y-%m-%d_%H-%M-%S')}")).resolve()
+
+
+__all__ = ["output_file", "output_dir", "command_dir"]

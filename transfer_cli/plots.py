@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 CURVES_NAME = "curves.png"
 CONFUSION_NAME = "confusion_matrix.png"
+PROBE_CURVE_NAME = "probe_curve.png"
 # Panels of curves.png: (title, [(metrics.csv column, legend label)]); a column that the run never logged is skipped.
 CURVE_PANELS = (
     ("loss", [("train/loss_epoch", "train"), ("val/loss", "val")]),
@@ -154,5 +155,51 @@ def write_label_matrices(matrices: Sequence[Any], class_names: Sequence[str], ou
     return output
 
 
-__all__ = ["write_curves", "write_confusion_matrix", "write_label_matrices", "epoch_series", "CURVES_NAME",
-           "CONFUSION_NAME"]
+def write_probe_curve(result: Any, output: Path, title: str = "") -> Path:
+    """The linear probe's strength sweep (a training.probe.ProbeResult): val score and val loss against the L2
+    strength on a log axis, the chosen strength marked, so a choice at the grid's edge is plain to see."""
+    fig = new_figure(figsize=(6.0, 3.6))
+    ax = fig.subplots()
+    chosen = result.strengths.index(result.strength)
+    ax.plot(result.strengths, result.val_scores, marker="o", markersize=3, color="C0", label=f"val {result.metric}")
+    ax.set_xscale("log")
+    ax.set_xlabel("L2 strength")
+    ax.set_ylabel(f"val {result.metric}", color="C0")
+    ax.grid(alpha=0.3)
+    loss_ax = ax.twinx()
+    loss_ax.plot(result.strengths, result.val_losses, marker="s", markersize=3, color="C1", label="val loss")
+    loss_ax.set_ylabel("val loss", color="C1")
+    ax.axvline(result.strength, color="C2", linestyle="--",
+               label=f"chosen {result.strength:.3g}: {result.metric} {result.val_scores[chosen]:.4f}")
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0], fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return save_figure(fig, Path(output))
+
+
+def write_screen_plot(rows: Sequence[Any], output: Path) -> Path:
+    """`transfer screen`: each candidate's linear-probe val score as a bar, best at the top, its feature time
+    beside it (commands/screen.py ScreenRow)."""
+    rows = list(rows)
+    fig = new_figure(figsize=(8.0, 1.2 + 0.32 * len(rows)))
+    ax = fig.subplots()
+    labels = [r.label for r in rows][::-1]
+    scores = [r.val_score for r in rows][::-1]
+    bars = ax.barh(range(len(rows)), scores, color=["C2" if i == len(rows) - 1 else "C0" for i in range(len(rows))])
+    ax.set_yticks(range(len(rows)), labels=labels, fontsize=8)
+    low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    ax.set_xlim(max(0.0, low - 0.1 * (1 - low) - 0.02), min(1.0, high + 0.4 * (high - low) + 0.03))
+    for bar, row in zip(bars, rows[::-1]):
+        note = "cached" if row.images_per_s is None else f"{row.images_per_s:.0f} img/s"
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {row.val_score:.4f} ({note})",
+                va="center", fontsize=7)
+    metric = rows[0].metric if rows else "accuracy"
+    ax.set_xlabel(f"linear-probe val {metric}")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("transfer screen: backbones and preprocessing, by a converged linear probe", fontsize=10)
+    return save_figure(fig, Path(output))
+
+
+__all__ = ["new_figure", "save_figure", "write_curves", "write_confusion_matrix", "write_label_matrices", "write_probe_curve", "write_screen_plot",
+           "epoch_series",
+           "CURVES_NAME", "CONFUSION_NAME", "PROBE_CURVE_NAME"]

@@ -31,7 +31,8 @@ def print_summary(summary: dict) -> None:
     table = Table(title=f"transfer train: {summary.get('name', '')}", show_header=False, title_style="bold")
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # paths are the point of this table: wrap them, never cut them
-    for key in ("val_mAP", "val_f1", "test_mAP", "val_acc", "test_acc", "epochs", "num_classes", "wall_time_s",
+    # The test split first: the headline number, on images that chose nothing (val picked the epoch or strength).
+    for key in ("test_mAP", "test_acc", "val_mAP", "val_f1", "val_acc", "epochs", "num_classes", "wall_time_s",
                 "first_step_latency_s", "feature_cache", "bad_images", "best_checkpoint", "run_dir"):
         value = summary.get(key)
         if value is None:
@@ -40,4 +41,8 @@ def print_summary(summary: dict) -> None:
             digits = 4 if key.endswith(("acc", "mAP", "f1")) else 2 if key.endswith("latency_s") else 1
             value = f"{value:.{digits}f}"
         table.add_row(key, str(value))
+    probe = summary.get("probe")
+    if probe:
+        table.add_row("head", f"{probe['use']}: linear probe, L2 strength {probe['strength']:.3g} chosen on "
+                              f"{probe['chosen_on'].split(' (')[0]}, fitted in {probe['fit_seconds']:.2f} s")
     console.print(table)

@@ -69,6 +69,24 @@ def _write_data_report(splits: Any, run_dir: Path) -> int:
     return leaked
 
 
+def _probe_summary(run: Any, run_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The linear probe that solved or started the head: its strength, fit time and the grid's val curve (also
+    as probe_curve.png); None when the run fitted none (or resumed past it)."""
+    probe = run.probe
+    if probe is None or probe.result is None:
+        return None
+    summary = {"use": "solved head" if probe.purpose == "solver" else "initial head", **probe.result.summary()}
+    if run.trainer.is_global_zero:
+        try:  # a plot never fails a run
+            from transfer_cli.plots import PROBE_CURVE_NAME, write_probe_curve
+
+            summary["curve"] = str(write_probe_curve(probe.result, run_dir / PROBE_CURVE_NAME,
+                                                     title=f"{cfg.name}: {cfg.model.backbone}, linear probe"))
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not write %s: %s: %s", "probe_curve.png", type(e).__name__, e)
+    return summary
+
+
 def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str | None:
     """The checkpoint the end-of-run test loads; None tests the weights as training left them."""
     # A small validation split picks its epoch noisily; `last` takes that pick out of the measurement (with
@@ -107,7 +125,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
     trainer.callbacks.extend(callbacks)
     leaked = _write_data_report(splits, run_dir) if trainer.is_global_zero else 0
-    if typed.trainer.auto_batch_size:
+    if typed.trainer.auto_batch_size and not run.solved:  # a solved head fits all its rows at once
         from transfer_cli.tuner import scale_batch_size
 
         scale_batch_size(run)
@@ -150,6 +168,9 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
         "first_step_latency_s": _seconds(run.first_step.first_step_s if run.first_step else None),
         "first_batch_latency_s": _seconds(run.first_step.first_batch_s if run.first_step else None),
     }
+    probe = _probe_summary(run, run_dir, typed)
+    if probe is not None:
+        summary["probe"] = probe
     if typed.task == "multilabel":  # acc is the exact-match rate there; mAP is the headline
         summary.update(task=typed.task, val_mAP=best_or_last("val/mAP"), val_f1=best_or_last("val/f1"),
                        test_mAP=None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +83,15 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     from transfer_cli.plots import save_figure
     from transfer_cli.tracking.trackers import TRACKERS
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     cfg = as_schema(cfg)
+    from transfer_cli.assembly.data import cache_plan
+    from transfer_cli.assembly.probe import head_solver
+
+    if head_solver(cfg, cache_plan(cfg)[0])[0]:
+        raise TransferError(f"this run's head is solved, not stepped (transfer.head_solver={cfg.transfer.head_solver} "
+                            "picks lbfgs for a linear head on cached features): it has no learning rate to find",
+                            "to find the LR of the epoch loop instead, add transfer.head_solver=sgd")
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg.paths.output_dir = str(out_dir)
     for tracker in TRACKERS:  # no tracker runs: the finder's curve goes to lr_find.json instead
         setattr(cfg.logger, tracker, False)
@@ -122,15 +128,13 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
 
 def lr_find_command(args: list[str]) -> None:
     from transfer_cli.config.compose import compose
-    from transfer_cli.outputs import output_dir
-    from transfer_cli.run_dir import fresh_dir
+    from transfer_cli.outputs import command_dir
 
     run_dir, args = take_run_dir(args)
     options, overrides = split_options(args)
     cfg = compose(overrides)  # checks the overrides first, with did-you-mean
     chosen = options.output or run_dir
-    out_dir = output_dir(chosen) if chosen else Path(fresh_dir(f"outputs/lr_find/{time.strftime('%Y-%m-%d_%H-%M-%S')}"))
-    result = find_lr(cfg, out_dir.resolve(), options)
+    result = find_lr(cfg, command_dir(chosen, "lr_find"), options)
     print(f"loss vs learning rate: {result.plot}")
     if result.override is None:
         print("no suggestion: too few finite losses (more data, or a larger num_training / max_lr range)")

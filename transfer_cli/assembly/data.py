@@ -70,12 +70,12 @@ def cache_plan(cfg: TrainConfig) -> tuple[bool, str]:
 
 
 def feature_pass(cfg: TrainConfig, images: ImageDataModule, model: Classifier, device: torch.device,
-                 autocast: Callable[[], ContextManager]) -> FeaturePass:
+                 autocast: Callable[[], ContextManager], views: Optional[int] = None) -> FeaturePass:
     """The pre-pass computing the frozen backbone's features of every split (or reading them from
-    transfer.cache_dir)."""
+    transfer.cache_dir); `views`: augmented training views to store instead (None: the config's)."""
     model_cfg = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in _HEAD_ONLY_KEYS}
     identity = {"model": model_cfg, "data_config": images.data_config, "precision": str(cfg.trainer.precision)}
-    views = cached_views(cfg)
+    views = cached_views(cfg) if views is None else views
     return FeaturePass(
         images, model.backbone, store=FeatureStore(cfg.transfer.cache_dir), width=model.num_features, device=device,
         autocast=autocast, channels_last=bool(cfg.trainer.channels_last), identity=identity, views=views,

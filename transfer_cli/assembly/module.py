@@ -58,9 +58,10 @@ def optimizer_factory(cfg: TrainConfig, plan: FreezePlan, device_type: str = "cp
 
 
 def transfer_module(cfg: TrainConfig, model: Classifier, block: dict, inputs: str = "images",
-                    class_counts: Optional[Sequence[int]] = None, device_type: str = "cpu") -> TransferModule:
+                    class_counts: Optional[Sequence[int]] = None, device_type: str = "cpu",
+                    module_class: type[TransferModule] = TransferModule) -> TransferModule:
     """`block`: the plain data every checkpoint carries (assembly/model.py checkpoint_block); `device_type`: where
-    the run trains."""
+    the run trains; `module_class`: ProbeModule for a head solved before the fit (assembly/probe.py)."""
     num_classes = len(block["class_names"])
     plan = FreezePlan(cfg.transfer, model.stages)
     mixing = build_mixup(cfg.augmentation, num_classes)
@@ -73,7 +74,7 @@ def transfer_module(cfg: TrainConfig, model: Classifier, block: dict, inputs: st
         log.warning("eval.tta=%s ignored: the head is evaluated on cached backbone features, not on images "
                     "(for TTA: transfer.cache_features=false)", cfg.eval.tta)
         tta = None
-    return TransferModule(
+    return module_class(
         model,
         criterion=criterion_for(cfg, num_classes, class_counts),
         metrics=build_metrics(cfg.task, num_classes, cfg.multilabel_threshold),

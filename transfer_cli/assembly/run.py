@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from transfer_cli.assembly.data import cache_plan, discover, feature_pass, image_data, loader_settings, cached_views
 from transfer_cli.assembly.model import build_model, checkpoint_block, prepare_for_training, run_meta
 from transfer_cli.assembly.module import transfer_module
+from transfer_cli.assembly.probe import head_fit, head_solver, solver_config
 from transfer_cli.assembly.trainer import build_trainer, resolve_precision
 from transfer_cli.config.compose import as_schema
 from transfer_cli.config.schema import TrainConfig
@@ -25,6 +26,8 @@ from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.replay import ResumePoint
 from transfer_cli.tracking.first_step import FirstStepLatency
 from transfer_cli.training.module import TransferModule
+from transfer_cli.training.probe_head import ProbeFit, ProbeModule
+from transfer_cli.threads import SmallWorkThreads
 
 log = logging.getLogger("transfer_cli")
 
@@ -42,6 +45,12 @@ class RunParts:
     trainer: pl.Trainer
     feature_cache: bool
     first_step: Optional[FirstStepLatency] = None  # the wait from the network built to the first step done
+    probe: Optional[ProbeFit] = None  # the linear probe that solves or starts the head, if the run fits one
+
+    @property
+    def solved(self) -> bool:
+        """The head is solved as a linear probe (transfer.head_solver), not trained by optimizer steps."""
+        return self.probe is not None and self.probe.purpose == "solver"
 
     @property
     def features(self) -> Optional[FeatureSplits]:
@@ -75,13 +84,16 @@ def build_run(cfg: Any, run_dir: Path) -> RunParts:
     first_step = FirstStepLatency(time.perf_counter())
     meta = run_meta(cfg, splits, data_config, model)
     resume_point = ResumePoint()
-    trainer = build_trainer(cfg, run_dir, validate=bool(splits.val), resume_point=resume_point)
+    cache, why = cache_plan(cfg)
+    solve, solver_why = head_solver(cfg, cache)
+    trainer = build_trainer(solver_config(cfg) if solve else cfg, run_dir, validate=bool(splits.val),
+                            resume_point=resume_point)
     trainer.callbacks.append(first_step)
     device = trainer.strategy.root_device
     images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt", device=device,
                         resume_start=resume_point.start)
-    cache, why = cache_plan(cfg)
     log.info("feature cache %s", why)
+    log.info("head solver: %s", solver_why)
     datamodule: pl.LightningDataModule = images
     if cache:
         datamodule = FeatureDataModule(feature_pass(cfg, images, model, device, autocast_for(device, cfg.trainer.precision)),
@@ -89,8 +101,14 @@ def build_run(cfg: Any, run_dir: Path) -> RunParts:
     prepare_for_training(model, cfg, images=not cache)
     module = transfer_module(cfg, model, checkpoint_block(config_container(cfg), meta),
                              inputs="features" if cache else "images", class_counts=splits.counts("train"),
-                             device_type=device.type)
-    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache, first_step)
+                             device_type=device.type, module_class=ProbeModule if solve else TransferModule)
+    probe = head_fit(cfg, splits, images, datamodule, model, device, solve)
+    if probe is not None:
+        trainer.callbacks.append(probe)
+    if cache:  # a head on features: milliseconds a step, faster on one CPU thread (threads.py)
+        head_size = sum(p.numel() for p in model.head.parameters())
+        trainer.callbacks.append(SmallWorkThreads(max(images.batch_size, images.eval_batch_size) * head_size))
+    return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache, first_step, probe)
 
 
 __all__ = ["RunParts", "build_run", "build_data", "config_container"]

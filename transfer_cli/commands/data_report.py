@@ -42,13 +42,14 @@ def write_data_report(splits: DataSplits, out_dir: Path, headers: bool = True) -
 def data_report_command(args: list[str]) -> None:
     from transfer_cli.assembly.sources import discover
     from transfer_cli.config.compose import as_schema, compose
+    from transfer_cli.outputs import command_dir
 
     options, overrides = parse_command_args("data-report", args, OPTIONS, OVERRIDES)
     cfg = as_schema(compose(overrides))
+    out_dir = command_dir(options["output"], "data_report")  # refused before any work: a file, a run's dir
     started = time.time()
     splits = discover(cfg.data, cfg.task)
-    out_dir = Path(options["output"] or Path("outputs") / "data_report" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    report = write_data_report(splits, out_dir.expanduser().resolve())
+    report = write_data_report(splits, out_dir)
     print(f"{report['data']}")
     for line in report_lines(report):
         print(line)

@@ -63,6 +63,24 @@ def _monitor(key: str, value: Optional[str], task: str) -> None:
               f"{key}={matches[0] if matches else 'val/acc'} (the run logs {', '.join(known)})")
 
 
+def lbfgs_blockers(cfg: Any, cached: bool = True) -> list[str]:
+    """What keeps the head from being solved as a linear probe: it must be linear on fixed features, and the
+    objective must be the probe's (plain cross-entropy, or one sigmoid per label, with class weights). Whether
+    the head trains on cached features is known once the run is planned (assembly/probe.py asks again)."""
+    blockers = []
+    if not cached:
+        blockers.append("the head does not train on cached features (see the feature cache line)")
+    if cfg.model.head_hidden_dim > 0:
+        blockers.append(f"the head has a hidden layer (model.head_hidden_dim={cfg.model.head_hidden_dim})")
+    if cfg.model.head_dropout > 0:
+        blockers.append(f"the head has dropout (model.head_dropout={cfg.model.head_dropout})")
+    if cfg.augmentation.label_smoothing > 0:
+        blockers.append(f"augmentation.label_smoothing={cfg.augmentation.label_smoothing} changes the loss")
+    if cfg.callbacks.ema:
+        blockers.append("callbacks.ema averages the weights of training steps")
+    return blockers
+
+
 def check_values(cfg: Any) -> None:
     """Every range and cross-key rule of a TrainConfig (config/schema.py)."""
     d, m, t, a, o, s, tr, cb = (cfg.data, cfg.model, cfg.transfer, cfg.augmentation, cfg.optimizer, cfg.scheduler,
@@ -91,6 +109,15 @@ def check_values(cfg: Any) -> None:
     _number("transfer.backbone_lr_scale", t.backbone_lr_scale, 0, example=0.1)
     _number("transfer.layer_decay", t.layer_decay, 0, 1, low_open=True, example=0.75)
     _number("transfer.cache_views", t.cache_views, 0, example=0)
+    if t.head_solver == "lbfgs" and lbfgs_blockers(cfg):
+        raise TransferError("transfer.head_solver=lbfgs solves a linear head on cached features, but "
+                            + "; ".join(lbfgs_blockers(cfg)), "transfer.head_solver=sgd (or auto: the epoch loop "
+                            "where the solver cannot apply), or a linear head: model.head_hidden_dim=0 model.head_dropout=0 "
+                            "augmentation.label_smoothing=0 callbacks.ema=false")
+    if t.head_init == "probe" and m.head_hidden_dim > 0:
+        raise TransferError(f"transfer.head_init=probe starts a linear head, but model.head_hidden_dim="
+                            f"{m.head_hidden_dim} adds a hidden layer", "model.head_hidden_dim=0, or "
+                            "transfer.head_init=random")
     # augmentation
     for key in ("hflip", "vflip", "rot90", "random_erasing", "mix_prob", "switch_prob", "perspective"):
         _number(f"augmentation.{key}", getattr(a, key), 0, 1, example=0.5)
@@ -143,4 +170,4 @@ def check_values(cfg: Any) -> None:
     _number("eval.multicrop_fraction", cfg.eval.multicrop_fraction, 0, 1, low_open=True, example=0.875)
 
 
-__all__ = ["check_values", "logged_metrics", "PRECISIONS"]
+__all__ = ["check_values", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]

@@ -39,6 +39,8 @@ ENUMS = {
     "data.elpv_cell_type": ("all", "mono", "poly"),
     "transfer.bn": ("frozen", "train"),
     "transfer.cache_features": ("auto", "true", "false"),
+    "transfer.head_solver": ("auto", "lbfgs", "sgd"),
+    "transfer.head_init": ("random", "probe"),
     "eval.tta": ("none", "hflip", "flips", "multicrop"),
     "callbacks.mode": ("max", "min"),
     "callbacks.test_ckpt": ("best", "last"),

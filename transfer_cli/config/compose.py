@@ -92,6 +92,40 @@ def check_overrides(overrides: list[str]) -> None:
         _check_key(key)
 
 
+# Keys that name a run's own data (data=csv, data.root=..., ...).
+OWN_DATA_KEYS = {"data", "data.source", "data.root", "data.csv"}
+DEFAULT_TRANSFER = "feature_extract"  # configs/train.yaml's transfer choice
+
+
+def own_data_defaults(overrides: list[str]) -> list[str]:
+    """`transfer train` runs the demo (experiment=demo) unless the run names its own data. Then, with no experiment
+    named (nor a resume), the demo gives way to the recipe named, or else to the recipe of the run's transfer mode
+    (configs/recipe/<transfer>.yaml), so that fine-tuning on your images does not inherit the demo's linear-probe
+    settings."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")}
+    if keys & {"experiment", "resume"} or not keys & OWN_DATA_KEYS:
+        return list(overrides)
+    if "recipe" in keys:  # recipe=fine_tune, or recipe=none for the schema's defaults
+        return ["~experiment", *overrides]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    mode = DEFAULT_TRANSFER
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if o.split("=", 1)[0] == "transfer"])
+    except HydraException:
+        return list(overrides)  # check_overrides reports it
+    for ov in parsed:
+        if ov.is_sweep_override():
+            # Hydra's sweeps are products, so one recipe per mode cannot ride along (and an interpolated
+            # recipe=${transfer} may not choose other groups, as the feature_extract recipe's augmentation).
+            raise TransferError("a sweep over transfer= on your own data needs its recipe named",
+                                "sweep one transfer mode per command (each gets its own recipe), or add "
+                                "recipe=none to sweep them all on the schema's defaults")
+        mode = str(ov.value())
+    return ["~experiment", f"recipe={mode}", *overrides]
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> Any:
     """The composed config, as `transfer train` would build it (for tests and the non-train commands)."""
     from hydra import compose as hydra_compose
@@ -99,7 +133,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "train") -> A
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    overrides = list(overrides or [])
+    overrides = own_data_defaults(list(overrides or []))
     check_overrides(overrides)
     register_configs()
     GlobalHydra.instance().clear()

@@ -72,6 +72,13 @@ class TransferConfig:
     # Where cached features persist between runs, keyed by a fingerprint of everything that shapes them; null:
     # in memory, for this run only.
     cache_dir: Optional[str] = "${oc.env:TRANSFER_CACHE_DIR,'~/.cache/transfer'}/features"
+    # How a head on cached features is fitted. lbfgs: solved to convergence (full-batch L-BFGS, its L2 strength
+    # chosen on val; training/probe.py) in one pass; sgd: the epoch loop of optimizer/scheduler/trainer.max_epochs;
+    # auto: lbfgs where it applies (cached features, a linear head, no dropout, label smoothing or EMA), else sgd.
+    head_solver: str = "auto"
+    # The head a fit starts from. probe: the converged linear probe on the frozen backbone's eval-mode features of
+    # the training images (LP-FT, Kumar et al. 2022), for fine_tune, partial and gradual_unfreeze; random: timm's init.
+    head_init: str = "random"
 
 
 @dataclass

@@ -33,6 +33,7 @@ from transfer_cli.data.samplers import EpochViewSampler, ResumableSampler, Resum
 from transfer_cli.data.seeded import SeededItems
 from transfer_cli.errors import TransferError
 from transfer_cli.inference import infer
+from transfer_cli.threads import CalibratedCpuForward
 
 log = logging.getLogger("transfer_cli")
 
@@ -93,6 +94,7 @@ class FeaturePass:
         self.identity, self.views = identity, int(views)
         self.view_transform, self.augmentation = view_transform, augmentation
         self.seed = images.loading.seed
+        self._cpu_forward: Optional[CalibratedCpuForward] = None  # one calibration for every split of the pass
 
     def _common(self) -> dict:
         backbone = self.backbone
@@ -122,6 +124,10 @@ class FeaturePass:
         backbone = self.backbone.to(self.device).eval()
         if self.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
+        if self.device.type == "cpu":  # threads or one-thread chunks, whichever runs faster here (the first batches)
+            if self._cpu_forward is None:
+                self._cpu_forward = CalibratedCpuForward(backbone)
+            backbone = self._cpu_forward
         x, y = infer(backbone, loader, device=self.device, autocast=self.autocast, channels_last=self.channels_last,
                      prepare=lambda batch: self.images.strip_bad(batch, self.device), progress=f"features: {label}",
                      total=len(loader))
@@ -158,12 +164,13 @@ class FeaturePass:
             log.info("feature cache: stored %s features %s in %s", tag, tuple(x.shape), saved)
         return entry
 
-    def run(self) -> FeatureSplits:
+    def run(self, splits: Tuple[str, ...] = ("train", "val", "test")) -> FeatureSplits:
+        """The features of `splits` (those the data has), computed or read from the store."""
         images = self.images
         images.setup("fit")
         common = self._common()
         result = FeatureSplits()
-        for split in ("train", "val", "test"):
+        for split in splits:
             if not images.samples(split):
                 continue
             views = range(self.views) if split == "train" and self.views else [None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,13 @@ from transfer_cli.resume.plan import resume_command
 from transfer_cli.resume.signals import SIGTERMException, exit_status, graceful_stop
 
 log = logging.getLogger("transfer_cli")
+
+
+def _quiet_exit() -> None:
+    """The process is on its way out with a status: a further Ctrl+C would only print a traceback from wherever it
+    landed (the exit's own cleanup included), so it is ignored."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, run_dir: Path) -> None:
@@ -34,6 +42,7 @@ def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, r
         # weights_only: a resumed checkpoint is plain data, so loading it runs no code from the file
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True if ckpt else None)
     except SIGTERMException:
+        _quiet_exit()
         stop = graceful_stop(trainer)
         status = stop.status if stop is not None else exit_status(15)
         saved_at = stop.saved if stop is not None else None
@@ -42,16 +51,20 @@ def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, r
             print(f"\nstopped by signal ({status - 128}); {what}\nresume with: {resume_command(run_dir)}",
                   flush=True)
         raise SystemExit(status) from None
-    except (SystemExit, KeyboardInterrupt):
+    except (SystemExit, KeyboardInterrupt) as e:
         stop = graceful_stop(trainer)
-        if stop is None or not stop.aborted:
+        # A second Ctrl+C aborts; one that lands after Lightning put Python's handler back (the first stop's
+        # checkpoint saved, fit tearing down) is a second Ctrl+C too, not a crash.
+        if stop is None or not (stop.aborted or (isinstance(e, KeyboardInterrupt) and stop.signum is not None)):
             raise
+        _quiet_exit()
         # Ctrl+C twice: Lightning stopped at once (and exits 1); say so, and how to continue from the last save.
         last = run_dir / CHECKPOINT_DIR / "last.ckpt"
         if trainer.is_global_zero:
             hint = f"resume from the last checkpoint with: {resume_command(run_dir)}" if last.is_file() \
                 else "no checkpoint was saved yet"
-            print(f"\naborted by a second Ctrl+C, without saving; {hint}", flush=True)
+            what = f"the first one's checkpoint saved: {stop.saved}" if stop.saved else "without saving"
+            print(f"\naborted by a second Ctrl+C, {what}; {hint}", flush=True)
         raise SystemExit(exit_status(signal.SIGINT)) from None
 
 
