@@ -57,6 +57,7 @@ from transfer_cli.assembly.model import compile_mode
 from transfer_cli.assembly.run import build_run
 from transfer_cli.data.gpu_decode import DeviceDecoder
 from transfer_cli.data.jpeg import jpeg_engine
+from transfer_cli.run_dir import fresh_dir
 from transfer_cli.train import train
 
 TARGETS = {"a_eager": 0.98, "b_compile": 1.35, "c_feature_cache": 10.0, "d_data": 0.9, "h_host": 0.9,
@@ -488,13 +489,13 @@ class EpochMarks(Callback):
 def section_p(args, work: Path) -> Dict[str, Any]:
     common = [f"experiment={args.probe_experiment}", f"transfer.cache_dir={work / 'probe_cache'}",
               "callbacks.rich_progress=false", "trainer.enable_progress_bar=false"]
+    solved_dir, sgd_dir = (Path(fresh_dir(str(work / name))) for name in ("p_lbfgs", "p_sgd"))  # a rerun: _2, ...
     start = time.perf_counter()
-    summary = train(compose([*common, "transfer.head_solver=lbfgs", f"paths.output_dir={work / 'p_lbfgs'}"]))
+    summary = train(compose([*common, "transfer.head_solver=lbfgs", f"paths.output_dir={solved_dir}"]))
     solved_s = time.perf_counter() - start
     cfg = compose([*common, "transfer.head_solver=sgd", f"trainer.max_epochs={args.probe_epochs}",
-                   f"paths.output_dir={work / 'p_sgd'}"])
-    (work / "p_sgd").mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg, work / "p_sgd")
+                   f"paths.output_dir={sgd_dir}"])
+    run = build_run(cfg, sgd_dir)
     marks = EpochMarks()
     run.trainer.callbacks.append(marks)
     run.trainer.fit(run.module, datamodule=run.datamodule)

@@ -128,12 +128,13 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
 
     from transfer_cli.assembly.data import discover, feature_pass, image_data
     from transfer_cli.assembly.model import build_model
-    from transfer_cli.config.compose import as_schema, compose
+    from transfer_cli.config.compose import as_schema, compose, own_data_defaults
     from transfer_cli.inference import autocast_for, pick_device
     from transfer_cli.training.losses import class_weights
     from transfer_cli.training.probe_head import fit_probe_on_splits
 
     rest, backbones = candidates(overrides)
+    base = own_data_defaults(rest)  # composed as `transfer train` composes the printed command: the same split
     rows: list[ScreenRow] = []
     splits = None
     for backbone in backbones:
@@ -141,7 +142,7 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
         for crop, size, interpolation in itertools.product(crop_pcts, image_sizes, interpolations):
             variant = _variant_overrides(crop, size, interpolation)
             named = ((f"model.backbone={backbone}",) if backbone is not None else ()) + variant
-            cfg = as_schema(compose([*rest, *FIXED, *named]))
+            cfg = as_schema(compose([*base, *FIXED, *named]))
             if splits is None:
                 splits = discover(cfg.data, cfg.task)
                 log.info("data: %s", splits.source_desc)
@@ -228,13 +229,14 @@ def print_table(rows: list[ScreenRow]) -> None:
 
 
 def screen_command(args: list[str]) -> None:
-    from transfer_cli.config.compose import as_schema, compose
+    from transfer_cli.config.compose import as_schema, compose, own_data_defaults
     from transfer_cli.outputs import command_dir
 
     values, overrides = parse_command_args("screen", args, OPTIONS, ANY_OVERRIDE)
     rest, backbones = candidates(overrides)
     for backbone in backbones:  # every candidate's config checked before torch loads and any backbone runs
-        as_schema(compose([*rest, *FIXED, *((f"model.backbone={backbone}",) if backbone is not None else ())]))
+        named = (f"model.backbone={backbone}",) if backbone is not None else ()
+        as_schema(compose([*own_data_defaults(rest), *FIXED, *named]))
     out_dir = command_dir(values["output"], "screen")  # refused before any work: a file, a run's dir
     rows = screen(overrides, values["crop_pct"], values["image_size"], values["interpolation"], out_dir)
     if not rows:

@@ -27,8 +27,8 @@ the binary problem OneVsRest would fit.
   is a proper score that moves with every prediction's confidence, where accuracy on a few hundred images moves
   in steps of a few tenths of a point and ties across strengths. Picking by val loss scored as well or better on
   test than picking by val accuracy on all five sets measured (mean test accuracy over 5 splits each, the whole
-  grid fitted, accuracy rule -> loss rule: ELPV Lite0 features 85.55 -> 85.82, digits through Lite0 93.45 -> 93.78, digits pixels
-  96.86 -> 96.86, wine 97.71 -> 98.86, breast cancer 97.88 -> 98.23; issue 16, scripts/rule_exp.py).
+  grid fitted, accuracy rule -> loss rule: ELPV Lite0 features 85.55 -> 85.82, digits through Lite0 93.45 ->
+  93.78, digits pixels 96.86 -> 96.86, wine 97.71 -> 98.86, breast cancer 97.88 -> 98.23; issue 16).
 - Multi-label: the strength with the best val mAP (the tool's val/mAP) wins, a tie going to the stronger: mAP is
   threshold-free and moves with every score, and on the multi-label set tested it chose better than the
   per-label loss (test mAP 0.708 vs 0.699, tests/test_probe.py).
@@ -53,8 +53,8 @@ from transfer_cli.threads import cpu_threads_for
 
 # At 1e2 the predicted probabilities are close to the class prior. Strengths chosen on the real features measured
 # (1-2k training rows) lay between 3e-5 and 1, mostly 1e-3..0.3; the best strength shrinks roughly as 1/rows, so
-# 1e-6 leaves room for larger sets. Half a decade apart: decade, half- and quarter-decade grids scored within 0.4 points of
-# each other on test (5 splits of 4 sets), at 0.7x, 1x and 1.4x the time.
+# 1e-6 leaves room for larger sets. Half a decade apart: decade, half- and quarter-decade grids scored within 0.4
+# points of each other on test (5 splits of 4 sets), at 0.7x, 1x and 1.4x the time.
 DEFAULT_STRENGTHS: tuple = tuple(10.0 ** (e / 2) for e in range(4, -13, -1))
 _HISTORY_FLOATS = 2**26  # memory for L-BFGS's curvature pairs: 256 MiB in float32
 
