@@ -128,7 +128,8 @@ def test_wandb_offline_run_and_its_resume_keep_one_run_id(tmp_path, tiny_imagefo
 @pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
 def test_a_missing_tracker_package_names_the_extra(tracker, tmp_path, monkeypatch):
     from transfer_cli.config.schema import LoggerConfig
-    from transfer_cli.tracking.trackers import TRACKERS, TrackerContext
+    from transfer_cli.tracking.tracker_run import TrackerContext
+    from transfer_cli.tracking.trackers import TRACKERS
 
     monkeypatch.setitem(sys.modules, tracker, None)  # as when the package is not installed: import fails
     with pytest.raises(TransferError) as err:

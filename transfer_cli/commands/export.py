@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.atomic import TEMP_SUFFIX, atomic_write_json
+from transfer_cli.commands.check_inputs import CHECK_BATCHES, sample_inputs
 from transfer_cli.config.args import POSITIVE_FLOAT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir, output_file
@@ -30,7 +31,6 @@ FORMATS = ("onnx", "torchscript", "timm")  # timm: a folder timm.create_model("l
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 METADATA_FILE = "transfer.json"  # the TorchScript extra file; the ONNX metadata_props key is "transfer"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-CHECK_BATCHES = (1, 3)  # neither is the batch size exported with, so the check also covers the dynamic axis
 OPTIONS = {
     "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
     "format": Option(str, "onnx", help="onnx, torchscript or timm", choices=FORMATS),
@@ -72,18 +72,6 @@ def export_metadata(restored: Any) -> dict:
         "backbone": restored.meta.get("backbone"),
         "checkpoint": str(restored.checkpoint),
     }
-
-
-def sample_inputs(metadata: dict, batch: int, seed: int) -> Any:
-    """Normalized random images: uniform pixels through the real mean/std, so logits have realistic ranges."""
-    import torch
-
-    channels, height, width = metadata["input_size"]
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand((batch, channels, height, width), generator=generator)
-    mean = torch.tensor(metadata["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(metadata["std"]).view(1, -1, 1, 1)
-    return (pixels - mean) / std
 
 
 def _require(*modules: str) -> None:

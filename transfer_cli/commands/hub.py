@@ -157,7 +157,7 @@ def _check(folder: Path, reference: Any, names: list[str], data_config: dict, at
     import timm
     import torch
 
-    from transfer_cli.commands.export import CHECK_BATCHES, sample_inputs
+    from transfer_cli.commands.check_inputs import CHECK_BATCHES, sample_inputs
 
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     if list(loaded.pretrained_cfg.get("label_names") or []) != list(names):

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from pytorch_lightning.loggers import MLFlowLogger
 
-from transfer_cli.tracking.trackers import ExperimentRun, TrackerContext
+from transfer_cli.tracking.tracker_run import ExperimentRun, TrackerContext
 
 SQLITE = "sqlite:///"
 PARAM_VALUE_CHARS = 500  # every MLflow since 1.28 stores this much of a param value

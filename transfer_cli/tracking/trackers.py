@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,6 +24,7 @@ from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.schema import LoggerConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.tracking.csv_logger import MetricsCSV
+from transfer_cli.tracking.tracker_run import ExperimentRun, TrackerContext
 
 log = logging.getLogger("transfer_cli")
 
@@ -32,35 +32,6 @@ RUNS_FILE = "trackers.json"  # {tracker name: the ids that find its run again}
 # Files of the run dir that trackers upload after the run, when they exist.
 RUN_FILES = ("config.yaml", "summary.json", "curves.png", "confusion_matrix.png", "data_report.json",
              "class_distribution.png", "audit.json")
-
-
-@dataclass
-class TrackerContext:
-    """What a tracker needs besides the logger group: where the run lives and whether it continues."""
-
-    run_dir: Path
-    experiment: str  # the MLflow experiment / W&B project
-    run_name: str
-    tags: dict[str, str] = field(default_factory=dict)
-    resume_step: Optional[int] = None  # the optimizer step a resumed run continues from; None: a new run
-    saved: dict[str, dict] = field(default_factory=dict)  # trackers.json of the run being resumed
-
-
-class ExperimentRun:
-    """A tracker with a run of its own outside the run dir (implemented by the MLflow and W&B loggers)."""
-
-    tracker_name = ""
-
-    def start(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Log the resolved config (flattened); return the ids that find this run again (for trackers.json)."""
-        raise NotImplementedError
-
-    def upload(self, files: Sequence[Path], checkpoint: Optional[Path]) -> None:
-        """The run dir's result files, and the checkpoint when logger.log_model is set."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """End this process's connection to the run (a resume may reopen it)."""
 
 
 def require(package: str, tracker: str) -> None:
@@ -176,5 +147,5 @@ def close_trackers(loggers: Sequence[Logger]) -> None:
             logger.close()
 
 
-__all__ = ["TRACKERS", "TrackerContext", "ExperimentRun", "TrackerStart", "build_trackers", "enabled_trackers",
+__all__ = ["TRACKERS", "TrackerStart", "build_trackers", "enabled_trackers",
            "finish_trackers", "close_trackers", "flatten", "read_runs", "require", "RUNS_FILE", "RUN_FILES"]

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from pytorch_lightning.loggers import WandbLogger
 
-from transfer_cli.tracking.trackers import ExperimentRun, TrackerContext
+from transfer_cli.tracking.tracker_run import ExperimentRun, TrackerContext
 
 
 def wandb_mode() -> str:
