@@ -176,6 +176,22 @@ def test_multilabel_is_one_sigmoid_per_label_as_one_vs_rest():
     assert ours >= best[1] - 0.005, f"probe test mAP {ours:.4f} vs one-vs-rest {best[1]:.4f}"
 
 
+def test_a_head_that_fine_tuning_starts_from_keeps_small_weights_on_features_that_barely_vary():
+    """LP-FT's probe (standardize=False) penalizes raw weights: a feature with 1/1000 of the other's spread gets no
+    large weight, which the first fine-tuning steps, moving that feature, would turn into large logits."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (400,), generator=g)
+    signal = (2 * y - 1).float()
+    x = torch.stack([signal + torch.randn(400, generator=g), 1e-3 * torch.randn(400, generator=g)], 1)
+    tr, va = slice(0, 300), slice(300, 400)
+    standardized = fit_probe(x[tr], y[tr], x[va], y[va], num_classes=2).linear.weight.detach()
+    raw = fit_probe(x[tr], y[tr], x[va], y[va], num_classes=2, standardize=False).linear.weight.detach()
+    print(f"weight on the quiet feature: standardized {standardized[:, 1].abs().max():.3g}, raw "
+          f"{raw[:, 1].abs().max():.3g}")
+    assert standardized[:, 1].abs().max() > 1  # the standardized fold: W / std
+    assert raw[:, 1].abs().max() < standardized[:, 1].abs().max() / 100
+
+
 def test_folded_standardization_equals_standardize_then_linear(digits):
     """A probe on raw features, applied to raw features, gives the logits of a probe fitted and applied on the
     standardized features (where the fold is the identity), and of one on rescaled, shifted features: the

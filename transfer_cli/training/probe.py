@@ -160,6 +160,7 @@ def _fit_probe(
     device: Optional[torch.device | str] = None,
     dtype: torch.dtype = torch.float32,
     patience: Optional[int] = 3,
+    standardize: bool = True,
 ) -> ProbeResult:
     """Fit a linear head on (train_x, train_y), its L2 strength chosen on (val_x, val_y); see the module docstring.
 
@@ -169,6 +170,10 @@ def _fit_probe(
     as converged (scikit-learn's tol for lbfgs); max_iter: L-BFGS iterations per strength. patience: strengths
     in a row without a better val score or val loss before the sweep stops (None: the whole grid). device: where
     to solve (default: train_x's); dtype: float32 chose the strengths float64 chose on the sets measured.
+    standardize=False: the penalty acts on the weights of the raw features (centered only), for a head that
+    starts fine-tuning (LP-FT): standardizing folds W / std into the head, so a feature that barely varies on the
+    frozen eval-mode backbone gets a weight of ~100, and fine-tuning (train-mode BatchNorm, augmentation, the
+    backbone's own steps) moves exactly such features: on ELPV the first epoch's loss was 20.6 instead of 0.54.
     Raises ValueError on an empty split, non-finite features or malformed labels.
     """
     start = time.perf_counter()
@@ -205,6 +210,8 @@ def _fit_probe(
             raise ValueError("class_weights give every training sample weight 0")
 
     mean, std, constant = _standardization(train_x.to(device))
+    if not standardize:
+        std = torch.ones_like(std)
     scale = (mean.to(dtype), std.to(dtype))
     x = (train_x.to(device, dtype) - scale[0]) / scale[1]
     vx = (val_x.to(device, dtype) - scale[0]) / scale[1]

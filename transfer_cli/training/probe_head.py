@@ -57,10 +57,12 @@ def fit_probe_on_train(train_x: torch.Tensor, train_y: torch.Tensor, *, num_clas
 
 def fit_probe_on_splits(tensors: Dict[str, TensorDataset], *, num_classes: int, multilabel: bool = False,
                         class_weights: Optional[Sequence[float]] = None, device: Optional[torch.device] = None,
-                        seed: int = 0) -> ProbeResult:
-    """The probe of a run's features: the strength chosen on val, or without one on a holdout of train."""
+                        seed: int = 0, standardize: bool = True) -> ProbeResult:
+    """The probe of a run's features: the strength chosen on val, or without one on a holdout of train.
+    `standardize`: see training/probe.py fit_probe (False for a head that fine-tuning starts from)."""
     train, val = tensors["train"].tensors, tensors.get("val")
-    options = dict(num_classes=num_classes, multilabel=multilabel, class_weights=class_weights, device=device)
+    options = dict(num_classes=num_classes, multilabel=multilabel, class_weights=class_weights, device=device,
+                   standardize=standardize)
     try:
         if val is not None and len(val.tensors[1]):
             return fit_probe(*train, *val.tensors, **options)
@@ -102,7 +104,7 @@ class ProbeFit(pl.Callback):
             return
         result = fit_probe_on_splits(self.features(), num_classes=self.num_classes, multilabel=self.multilabel,
                                      class_weights=self.class_weights, device=trainer.strategy.root_device,
-                                     seed=self.seed)
+                                     seed=self.seed, standardize=self.purpose == "solver")
         load_probe(pl_module.model.head, result.linear)
         self.result = result
         log.info("head %s: linear probe with L2 strength %.3g chosen on %s (%s %.4f there), %d L-BFGS iterations "
