@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.errors import TransferError
@@ -45,19 +44,17 @@ class Explained:
 def explain(ckpt: str | Path, source: str | Path, output: str | Path | None = None, target: str | None = None,
             layer: str | None = None, overrides: Sequence[str] = ()) -> Explained:
     from transfer_cli.commands.mistakes import cam_images, model_view
-    from transfer_cli.commands.predict import list_inputs
+    from transfer_cli.commands.predict import input_batches, list_inputs
     from transfer_cli.commands.restore import restore
-    from transfer_cli.data.datamodule import collate_drop_bad
-    from transfer_cli.data.images import BadImages, ImageDataset
-    from transfer_cli.data.loaders import make_loader, resolve_num_workers
-    from transfer_cli.data.transforms import eval_transform
     from transfer_cli.inference import infer, pick_device, place_model
     from transfer_cli.models.gradcam import require_gradcam
+    from transfer_cli.outputs import output_dir
     from transfer_cli.report_plots import write_image_grid
     from transfer_cli.training.predictions import decode_predictions
 
     require_gradcam()
     paths = list_inputs(source)
+    chosen = output_dir(output) if output else None  # refused before any work: a file, a run's dir
     restored = restore(ckpt, overrides)
     cfg, names = restored.cfg, restored.class_names
     if target is not None and target not in names:
@@ -67,20 +64,10 @@ def explain(ckpt: str | Path, source: str | Path, output: str | Path | None = No
         raise TransferError(f"target={target} is not a class of the checkpoint" + (f"; did you mean {close[0]}?"
                                                                                      if close else ""),
                             f"one of: {', '.join(names)} (or leave target= out for the predicted class)")
-    out_dir = Path(output).expanduser().resolve() if output else restored.run_dir / "explain"
-    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(restored.data_config))
-    shape = tuple(int(v) for v in restored.data_config["input_size"])
-    loader = make_loader(dataset, int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
-                         num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed,
-                         collate_fn=partial(collate_drop_bad, image_shape=shape))
+    out_dir = chosen or restored.run_dir / "explain"
+    loader, unreadable, prepare = input_batches(restored, paths)
     device = pick_device(cfg.trainer.accelerator)
     model = place_model(restored.model, device, channels_last=False)
-    unreadable = BadImages(budget=len(paths))
-
-    def prepare(batch: Any) -> Any:
-        unreadable.record([(str(p), str(r)) for p, r in batch.bad])
-        return batch.images, batch.labels
-
     logits, positions = infer(model, loader, device=device, prepare=prepare)
     if not len(positions):
         raise TransferError(f"none of the {len(paths)} input image(s) could be read", "check input=")

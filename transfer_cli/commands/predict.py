@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from transfer_cli.atomic import atomic_write_text
 from transfer_cli.config.args import POSITIVE_INT, Option, parse_command_args
@@ -69,14 +69,34 @@ def list_inputs(source: str | Path) -> list[str]:
     return [str(path)]
 
 
-def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predictions.csv", topk: int = 3,
-            overrides: Sequence[str] = ()) -> PredictResult:
-    """Predict every image of `source` with the checkpoint and write the CSV `output`."""
-    from transfer_cli.commands.restore import restore
+def input_batches(restored: Any, paths: list[str]) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """(loader, unreadable, prepare) reading `paths` as the checkpoint's network sees them (its eval transform), for
+    inference.infer: each sample's label is its position in `paths`, so the readable ones are found again after
+    unreadable ones drop out, and `prepare` records those in `unreadable` (a BadImages with room for them all)."""
     from transfer_cli.data.datamodule import collate_drop_bad
     from transfer_cli.data.images import BadImages, ImageDataset
     from transfer_cli.data.loaders import make_loader, resolve_num_workers
     from transfer_cli.data.transforms import eval_transform
+
+    cfg = restored.cfg
+    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(restored.data_config))
+    shape = tuple(int(v) for v in restored.data_config["input_size"])
+    loader = make_loader(dataset, int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
+                         num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed,
+                         collate_fn=partial(collate_drop_bad, image_shape=shape))
+    unreadable = BadImages(budget=len(paths))  # every unreadable input is recorded; none stops the command
+
+    def prepare(batch: Any) -> Any:
+        unreadable.record([(str(p), str(r)) for p, r in batch.bad])
+        return batch.images, batch.labels
+
+    return loader, unreadable, prepare
+
+
+def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predictions.csv", topk: int = 3,
+            overrides: Sequence[str] = ()) -> PredictResult:
+    """Predict every image of `source` with the checkpoint and write the CSV `output`."""
+    from transfer_cli.commands.restore import restore
     from transfer_cli.inference import autocast_for, infer, pick_device, place_model
     from transfer_cli.training.predictions import decode_predictions
     from transfer_cli.training.tta import tta_forward
@@ -86,21 +106,10 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
     restored = restore(ckpt, overrides)
     cfg, names, task = restored.cfg, restored.class_names, restored.task
     k = min(int(topk), len(names))
-    # Each sample's "label" is its position in `paths`, so the good ones are found again after bad ones drop out.
-    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(restored.data_config))
-    shape = tuple(int(v) for v in restored.data_config["input_size"])
-    loader = make_loader(dataset, int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
-                         num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed,
-                         collate_fn=partial(collate_drop_bad, image_shape=shape))
+    loader, unreadable, prepare = input_batches(restored, paths)  # every unreadable input gets its row
     device = pick_device(cfg.trainer.accelerator)
     channels_last = bool(cfg.trainer.channels_last)
     model = place_model(restored.model, device, channels_last)
-    unreadable = BadImages(budget=len(paths))  # every unreadable input gets its row; none stops the command
-
-    def prepare(batch: Any) -> Any:
-        unreadable.record([(str(p), str(r)) for p, r in batch.bad])
-        return batch.images, batch.labels
-
     logits, positions = infer(tta_forward(model, cfg.eval.tta, cfg.eval.multicrop_fraction), loader,
                               device=device, autocast=autocast_for(device, cfg.trainer.precision),
                               channels_last=channels_last, prepare=prepare)
@@ -166,4 +175,4 @@ def predict_command(args: list[str]) -> None:
           + f": {result.output}")
 
 
-__all__ = ["predict", "predict_command", "list_inputs", "PredictResult", "OPTIONS", "OVERRIDES"]
+__all__ = ["predict", "predict_command", "list_inputs", "input_batches", "PredictResult", "OPTIONS", "OVERRIDES"]
