@@ -17,7 +17,7 @@ from conftest import tiny_cfg
 
 from transfer_cli.assembly.model import COMPILE_MODES, compile_mode
 from transfer_cli.assembly.run import build_run
-from transfer_cli.assembly.trainer import resolve_precision
+from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.data.loaders import resolve_num_workers
 from transfer_cli.errors import TransferError
@@ -230,8 +230,8 @@ def test_precision_auto_without_a_gpu_is_32_true(tmp_path, tiny_imagefolder):
     assert gpu.trainer.precision == "auto"
     cpu = as_schema(tiny_cfg(tmp_path, tiny_imagefolder, "trainer.precision=auto"))
     if not torch.cuda.is_available():
-        assert resolve_precision(gpu) == "32-true"
-    assert resolve_precision(cpu) == "32-true"
+        assert resolve_run(gpu).trainer.precision == "32-true"
+    assert resolve_run(cpu).trainer.precision == "32-true"
     summary = train(tiny_cfg(tmp_path, tiny_imagefolder, "trainer.precision=auto", "trainer.max_epochs=1",
                              *HEAD_ONLY))
     saved = (tmp_path / "run" / "config.yaml").read_text()

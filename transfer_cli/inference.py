@@ -13,9 +13,10 @@ from typing import Any, Callable, ContextManager, Iterable, Optional, Tuple
 
 import torch
 
+from transfer_cli.precision import autocast_dtype
+
 log = logging.getLogger("transfer_cli")
 
-AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def pick_device(accelerator: str) -> torch.device:
@@ -30,11 +31,12 @@ def pick_device(accelerator: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], ContextManager]:
-    """trainer.precision as an autocast context factory, as Lightning's precision plugin applies it: bf16
-    anywhere, fp16 on CUDA only (CPU fp16 autocast is slow and not what training used), else full precision."""
-    dtype = AUTOCAST_DTYPES.get(str(precision))
-    if dtype is None or (dtype == torch.float16 and device.type != "cuda"):
+    """trainer.precision as an autocast context factory, as Lightning's precision plugin applies it (the one
+    mapping: precision.autocast_dtype)."""
+    name = autocast_dtype(precision, device.type)
+    if name is None:
         return contextlib.nullcontext
+    dtype = getattr(torch, name)
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
@@ -79,4 +81,4 @@ def place_model(model: torch.nn.Module, device: torch.device, channels_last: boo
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-__all__ = ["infer", "pick_device", "autocast_for", "place_model", "AUTOCAST_DTYPES"]
+__all__ = ["infer", "pick_device", "autocast_for", "place_model"]

@@ -11,6 +11,7 @@ from transfer_cli.assembly.model import compile_mode
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
+from transfer_cli.precision import is_mixed
 from transfer_cli.training.freezing import FreezePlan
 from transfer_cli.training.losses import Criterion, build_criterion, class_weights, multilabel_conflicts
 from transfer_cli.training.metrics import build_metrics
@@ -49,7 +50,7 @@ def optimizer_factory(cfg: TrainConfig, plan: FreezePlan, device_type: str = "cp
     fastest kernels `device_type` and the trainer's clipping and precision allow."""
     opt = cfg.optimizer
     clip = bool(cfg.trainer.gradient_clip_val)
-    mixed = str(cfg.trainer.precision).endswith("mixed") or str(cfg.trainer.precision) in ("16", "bf16")
+    mixed = is_mixed(cfg.trainer.precision)
 
     def make(model: Classifier) -> torch.optim.Optimizer:
         return build_optimizer(param_groups(model, plan, opt.lr, opt.weight_decay), opt, device_type, clip, mixed)

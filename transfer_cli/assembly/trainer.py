@@ -33,27 +33,6 @@ OWN_TRAINER_KEYS = ("compile", "channels_last", "auto_batch_size", "kwargs")
 log = logging.getLogger("transfer_cli")
 
 
-def resolve_precision(cfg: TrainConfig) -> str:
-    """trainer.precision with `auto` (trainer=gpu) made concrete for this machine: bf16-mixed on a CUDA GPU that
-    has bfloat16 (Ampere or newer: tensor cores, and no loss scaler to sync every step), else 32-true. The run's
-    config.yaml and checkpoints then carry what ran, so a resume runs the same."""
-    precision = str(cfg.trainer.precision)
-    if precision != "auto":
-        return precision
-    import torch
-
-    if str(cfg.trainer.accelerator) not in ("gpu", "cuda", "auto") or not torch.cuda.is_available():
-        log.info("trainer.precision=auto: no CUDA GPU, so 32-true")
-        return "32-true"
-    name = torch.cuda.get_device_name()
-    if torch.cuda.is_bf16_supported(including_emulation=False):
-        log.info("trainer.precision=auto: bf16-mixed (%s has bfloat16)", name)
-        return "bf16-mixed"
-    log.warning("trainer.precision=auto: %s has no bfloat16, so 32-true (trainer.precision=16-mixed for fp16 "
-                "autocast with a loss scaler)", name)
-    return "32-true"
-
-
 def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, validate: bool = True
                     ) -> list[Callback]:
     """validate=False: the run has no validation split, so nothing is monitored and there is no best.ckpt."""
@@ -159,5 +138,4 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
     return trainer
 
 
-__all__ = ["build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args",
-           "resolve_precision"]
+__all__ = ["build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]
