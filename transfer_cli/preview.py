@@ -15,7 +15,8 @@ from typing import Any
 
 from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_INT, Option, parse_command_args, take_run_dir
 from transfer_cli.outputs import output_file
-from transfer_cli.config.compose import as_schema, compose
+from transfer_cli.config.compose import compose
+from transfer_cli.config.resolve import replace_at, resolve_run
 from transfer_cli.errors import TransferError
 
 PAIRS_PER_ROW = 4
@@ -61,7 +62,7 @@ def _mix_title(soft: Any, class_names: list[str]) -> str:
 def augment_preview(args: list[str]) -> Path:
     """Compose the config from `args`, write the grid, return its path."""
     n, output, overrides = parse_args(args)
-    cfg = as_schema(compose(overrides))
+    cfg = resolve_run(compose(overrides))
 
     import numpy as np
     import torch
@@ -75,7 +76,7 @@ def augment_preview(args: list[str]) -> Path:
 
     # Only the preprocessing is needed, not the weights: nothing to download (a weights file or a named source
     # still loads, and a named source's preprocessing still applies).
-    cfg.model.pretrained = False
+    cfg = replace_at(cfg, {"model.pretrained": False})
     with tempfile.TemporaryDirectory() as run_dir:
         _, _, images, _ = build_data(cfg, Path(run_dir))
         samples = images.samples("train")

@@ -11,9 +11,8 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.assembly.run import build_run
-from transfer_cli.assembly.trainer import resolve_precision
 from transfer_cli.atomic import atomic_write_json, atomic_write_text
-from transfer_cli.config.compose import as_schema
+from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.reporting import print_config_tree, print_summary
@@ -97,16 +96,14 @@ def _test_checkpoint(test_ckpt: str, best_path: str | None, last: Path) -> str |
 
 
 def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict:
-    """Train the run `cfg` describes (a composed config, or the schema's TrainConfig); returns its summary.
+    """Train the run `cfg` describes (a composed config, or a TrainConfig resolve_run made); returns its summary.
     `callbacks`: more Lightning callbacks for this fit (transfer tune's pruning)."""
     started = time.time()
-    typed = as_schema(cfg)
+    typed = cfg if isinstance(cfg, TrainConfig) else resolve_run(cfg)  # resolved once, at the entry
     if not typed.paths.output_dir:
         raise TransferError("the run has no run dir (paths.output_dir is not set)",
                             "run it with `transfer train ...`, or set paths.output_dir=<folder>")
-    run_dir = Path(typed.paths.output_dir).expanduser().resolve()
-    typed.paths.output_dir = str(run_dir)  # resolved once: checkpoints and config.yaml carry the real path
-    typed.trainer.precision = resolve_precision(typed)  # and the precision that runs (auto: what this GPU has)
+    run_dir = Path(typed.paths.output_dir)
     owned = not is_child_rank() and run_dir not in held_dirs()
     if owned:  # the run owns its dir while it trains (the CLI took it already, before Hydra wrote into it)
         claim(run_dir, resuming=bool(typed.resume))

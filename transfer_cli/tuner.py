@@ -79,11 +79,11 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
     from pytorch_lightning.tuner import Tuner
 
     from transfer_cli.assembly.run import build_run
-    from transfer_cli.config.compose import as_schema
+    from transfer_cli.config.resolve import replace_at, resolve_run
     from transfer_cli.plots import save_figure
     from transfer_cli.tracking.trackers import TRACKERS
 
-    cfg = as_schema(cfg)
+    cfg = resolve_run(cfg, out_dir)
     from transfer_cli.assembly.data import cache_plan
     from transfer_cli.assembly.probe import head_solver
 
@@ -92,9 +92,8 @@ def find_lr(cfg: Any, out_dir: Path, options: FinderOptions) -> LRFindResult:
                             "picks lbfgs for a linear head on cached features): it has no learning rate to find",
                             "to find the LR of the epoch loop instead, add transfer.head_solver=sgd")
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.paths.output_dir = str(out_dir)
-    for tracker in TRACKERS:  # no tracker runs: the finder's curve goes to lr_find.json instead
-        setattr(cfg.logger, tracker, False)
+    # no tracker runs: the finder's curve goes to lr_find.json instead
+    cfg = replace_at(cfg, {f"logger.{tracker}": False for tracker in TRACKERS})
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     run = build_run(cfg, out_dir)
     trainer = run.trainer

@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import pytorch_lightning as pl
 
@@ -15,8 +15,8 @@ from transfer_cli.assembly.data import cache_plan, discover, feature_pass, image
 from transfer_cli.assembly.model import build_model, checkpoint_block, prepare_for_training, run_meta
 from transfer_cli.assembly.module import transfer_module
 from transfer_cli.assembly.probe import head_fit, head_solver, solver_config
-from transfer_cli.assembly.trainer import build_trainer, resolve_precision
-from transfer_cli.config.compose import as_schema
+from transfer_cli.assembly.trainer import build_trainer
+from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
 from transfer_cli.data.features import FeatureDataModule, FeatureSplits
@@ -28,6 +28,9 @@ from transfer_cli.tracking.first_step import FirstStepLatency
 from transfer_cli.training.module import TransferModule
 from transfer_cli.training.probe_head import ProbeFit, ProbeModule
 from transfer_cli.threads import SmallWorkThreads
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("transfer_cli")
 
@@ -63,10 +66,10 @@ def config_container(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def build_data(cfg: Any, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDataModule, dict]:
+def build_data(cfg: TrainConfig | DictConfig, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDataModule, dict]:
     """Discover the data, build the model, and the image datamodule with the model's preprocessing (no trainer:
     for previews)."""
-    cfg = as_schema(cfg)
+    cfg = _resolved(cfg, None)
     splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)
     model, data_config = build_model(cfg, len(splits.class_names))
@@ -74,9 +77,14 @@ def build_data(cfg: Any, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDa
     return splits, model, images, run_meta(cfg, splits, data_config, model)
 
 
-def build_run(cfg: Any, run_dir: Path) -> RunParts:
-    cfg = as_schema(cfg)
-    cfg.trainer.precision = resolve_precision(cfg)
+def _resolved(cfg: TrainConfig | DictConfig, run_dir: Optional[Path]) -> TrainConfig:
+    """A resolved config passes through; a composed one (scripts, tests) is resolved here, once."""
+    return cfg if isinstance(cfg, TrainConfig) else resolve_run(cfg, run_dir)
+
+
+def build_run(cfg: TrainConfig | DictConfig, run_dir: Path) -> RunParts:
+    """`cfg`: the run's resolved config (config/resolve.py resolve_run), or a composed one to resolve."""
+    cfg = _resolved(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)

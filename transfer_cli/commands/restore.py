@@ -63,10 +63,10 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from transfer_cli.config.folders import config_dir, config_groups
-    from transfer_cli.config.schema import TrainConfig
+    from transfer_cli.config.schema import TrainConfig, structured_schema
 
     try:  # typed, so data.batch_size=abc fails here; a config from another version may not fit the schema
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        cfg = OmegaConf.merge(structured_schema(), cfg)
     except Exception:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     groups = config_groups()
@@ -80,7 +80,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         try:
             if key in groups:  # data=imagefolder: that option's YAML over the schema defaults, as in training
                 node = OmegaConf.load(config_dir() / key / f"{value}.yaml")
-                base = OmegaConf.structured(getattr(TrainConfig(), key).__class__)
+                base = structured_schema(type(getattr(TrainConfig(), key)))
                 OmegaConf.update(cfg, key, OmegaConf.merge(base, node), merge=False)
             else:
                 OmegaConf.update(cfg, key, value, merge=True, force_add=ov.input_line.startswith("+"))

@@ -11,11 +11,8 @@ import math
 from typing import Any, Callable, Iterable, Optional
 
 from transfer_cli.errors import TransferError, close_matches
+from transfer_cli.precision import NAMES as PRECISIONS  # Lightning's names and aliases, and auto; torch-free
 
-# Lightning's precision names (lightning_fabric's _PRECISION_INPUT_STR), written out so that checking them needs
-# no Lightning import; and ours, auto (assembly/trainer.py: bf16-mixed where the GPU has it).
-PRECISIONS = ("auto", "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
-              "32-true", "64-true", "64", "32", "16", "bf16")
 
 
 def _fail(key: str, value: Any, why: str, fix: str) -> None:
@@ -79,6 +76,18 @@ def lbfgs_blockers(cfg: Any, cached: bool = True) -> list[str]:
     if cfg.callbacks.ema:
         blockers.append("callbacks.ema averages the weights of training steps")
     return blockers
+
+
+def check_warmup(s: Any) -> None:
+    """A scheduler record's warmup is one length, and none for a schedule whose rise is its warmup."""
+    from transfer_cli.config.schema import OWN_WARMUP_SCHEDULES
+
+    if s.warmup_steps and s.warmup_epochs:
+        raise TransferError("scheduler.warmup_steps and scheduler.warmup_epochs are both set",
+                            "keep one: scheduler.warmup_epochs=0 or scheduler.warmup_steps=0")
+    if s.name in OWN_WARMUP_SCHEDULES and (s.warmup_epochs or s.warmup_steps):
+        raise TransferError(f"scheduler={s.name} has its own warmup (scheduler.pct_start of the run)",
+                            "scheduler.warmup_epochs=0 scheduler.warmup_steps=0, and set scheduler.pct_start")
 
 
 def check_values(cfg: Any) -> None:
@@ -163,6 +172,7 @@ def check_values(cfg: Any) -> None:
     _number("callbacks.early_stopping_patience", cb.early_stopping_patience, 0, example=5)
     _number("callbacks.checkpoint_every_n_steps", cb.checkpoint_every_n_steps, 0, example=500)
     _number("callbacks.ema_decay", cb.ema_decay, 0, 1, low_open=True, high_open=True, example=0.999)
+    check_warmup(s)
     _monitor("callbacks.monitor", cb.monitor, cfg.task)
     _monitor("scheduler.monitor", s.monitor, cfg.task)
     # the rest
@@ -170,4 +180,4 @@ def check_values(cfg: Any) -> None:
     _number("eval.multicrop_fraction", cfg.eval.multicrop_fraction, 0, 1, low_open=True, example=0.875)
 
 
-__all__ = ["check_values", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]
+__all__ = ["check_values", "check_warmup", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]

@@ -10,7 +10,8 @@ import typing
 from typing import Any, Iterable
 
 from transfer_cli.config.folders import config_dir, config_groups
-from transfer_cli.config.schema import TrainConfig, register_configs
+from transfer_cli.config.overrides import override_key, parse
+from transfer_cli.config.schema import TrainConfig, register_configs, structured_schema
 from transfer_cli.errors import TransferError, close_matches
 
 SKIPPED_GROUPS = {"hydra"}  # Hydra's own group: its keys are Hydra's business
@@ -53,17 +54,9 @@ def check_overrides(overrides: list[str]) -> None:
 
     Types are left to OmegaConf, whose messages already name the key and the expected type.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob, OverrideType
-    from hydra.errors import HydraException
 
-    candidates = [o for o in overrides if "=" in o and not o.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(candidates)
-    except HydraException as e:
-        raise TransferError(f"could not parse the overrides: {str(e).splitlines()[0]}",
-                            "write them as key=value; quote a value with spaces or special characters for Hydra "
-                            "and the shell, e.g. 'data.root=\"/my data/images\"'")
+    parsed = parse([o for o in overrides if "=" in o and not o.startswith("-")])
     groups = config_groups()
     for ov in parsed:
         key = ov.key_or_group
@@ -102,18 +95,15 @@ def own_data_defaults(overrides: list[str]) -> list[str]:
     named (nor a resume), the demo gives way to the recipe named, or else to the recipe of the run's transfer mode
     (configs/recipe/<transfer>.yaml), so that fine-tuning on your images does not inherit the demo's linear-probe
     settings."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if not o.startswith("-")}
+    keys = {override_key(o) for o in overrides} - {""}
     if keys & {"experiment", "resume"} or not keys & OWN_DATA_KEYS:
         return list(overrides)
     if "recipe" in keys:  # recipe=fine_tune, or recipe=none for the schema's defaults
         return ["~experiment", *overrides]
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     mode = DEFAULT_TRANSFER
     try:
-        parsed = OverridesParser.create().parse_overrides([o for o in overrides if o.split("=", 1)[0] == "transfer"])
-    except HydraException:
+        parsed = parse([o for o in overrides if o.split("=", 1)[0] == "transfer"])
+    except TransferError:
         return list(overrides)  # check_overrides reports it
     for ov in parsed:
         if ov.is_sweep_override():
@@ -158,7 +148,7 @@ def as_schema(cfg: Any) -> TrainConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        merged = OmegaConf.merge(structured_schema(), cfg)
         try:
             merged.paths.output_dir  # noqa: B018 - Hydra's run dir, which only a Hydra run has
         except OmegaConfBaseException:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "imagefolder"  # imagefolder | csv | elpv
     root: Optional[str] = None  # imagefolder: root/{train,val[,test]}/<class>/*.jpg, or root/<class>/*.jpg
@@ -38,7 +38,7 @@ class DataConfig:
     std: Optional[List[float]] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"  # any timm model name, e.g. convnext_tiny, vit_base_patch16_224.augreg_in21k
     pretrained: bool = True  # timm hub weights
@@ -55,7 +55,7 @@ class ModelConfig:
     drop_path_rate: Optional[float] = None  # timm's stochastic depth (None: the model's default)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransferConfig:
     mode: str = "feature_extract"  # feature_extract | fine_tune | partial | gradual_unfreeze
     freeze_stages: int = 0  # freeze the stem + the first N stages (timm's grouping; see audit.json), any mode
@@ -81,7 +81,7 @@ class TransferConfig:
     head_init: str = "random"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentationConfig:
     # The preset: none | light | medium | randaugment | trivialaugment | autoaugment. The knobs below apply to
     # every preset but none (which is the evaluation preprocessing); 0 turns a knob off.
@@ -106,7 +106,7 @@ class AugmentationConfig:
     label_smoothing: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "adamw"  # sgd | adamw | adam | rmsprop | lamb | lion
     timm_opt: Optional[str] = None  # any other timm optimizer (timm.optim.list_optimizers()); wins over name
@@ -119,7 +119,7 @@ class OptimizerConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # other optimizer arguments: +optimizer.kwargs.alpha=0.99
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     name: str = "cosine"  # cosine | step | multistep | exponential | onecycle | plateau | constant (none: alias)
     warmup_epochs: float = 0.0  # linear warmup from warmup_start_factor x lr, stepped per optimizer step
@@ -137,7 +137,18 @@ class SchedulerConfig:
     patience: int = 2  # plateau: epochs without improvement before the LR decays
 
 
-@dataclass
+# Schedules whose rise is their warmup: a linear warmup (warmup_epochs/steps) contradicts them.
+OWN_WARMUP_SCHEDULES = ("onecycle",)
+
+
+def linear_warmup(length: float, _root_: Any) -> float:
+    """`${linear_warmup:1}`: how a recipe or an experiment asks for a linear warmup of `length` (epochs or steps,
+    by the key it sets), so that it gives way to a scheduler with a rise of its own (onecycle) when the user picks
+    one: the choice of a scheduler wins over a bundle's value that only made sense for the one it chose."""
+    return 0 if str(_root_.scheduler.name) in OWN_WARMUP_SCHEDULES else length
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
@@ -169,7 +180,7 @@ class TrainerConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # any other pl.Trainer argument: +trainer.kwargs.X=...
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggerConfig:
     # Which trackers a run logs to; the logger group's options (logger=mlflow, logger=[csv,mlflow,wandb]) each switch
     # on the flag of their own name, logger=none switches all off. metrics.csv feeds curves.png and sweep summaries.
@@ -185,7 +196,7 @@ class LoggerConfig:
     tags: Dict[str, str] = field(default_factory=dict)  # extra run tags: +logger.tags.team=vision
 
 
-@dataclass
+@dataclass(frozen=True)
 class CallbacksConfig:
     monitor: str = "val/acc"
     mode: str = "max"
@@ -198,13 +209,13 @@ class CallbacksConfig:
     test_ckpt: str = "best"  # the weights the end-of-run test scores: best (picked on val) | last (final epoch)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     tta: str = "none"  # test-time augmentation in validation and test: none | hflip | flips | multicrop (logits averaged)
     multicrop_fraction: float = 0.875  # multicrop: side of the four corner crops and the centre crop
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     # `transfer tune`: an Optuna study of trainings, each sampling `params`; the objective is the run's best
     # callbacks.monitor (maximized for callbacks.mode=max). Set by hparams_search=<name> (configs/hparams_search/).
@@ -221,13 +232,13 @@ class TuneConfig:
     storage: Optional[str] = None  # an Optuna storage URL; None: sqlite:///<dir>/optuna.db
 
 
-@dataclass
+@dataclass(frozen=True)
 class PathsConfig:
     # The run dir: Hydra's run dir when `transfer train` runs; None in a config composed outside a Hydra run.
     output_dir: Optional[str] = "${hydra:runtime.output_dir}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "default"  # the run dir is outputs/<name>/<date>_<time>
     seed: int = 42
@@ -251,10 +262,33 @@ class TrainConfig:
 SCHEMA_NAME = "train_schema"
 
 
+def structured_schema(schema: Optional[type] = None) -> Any:
+    """The schema (TrainConfig, or one group's dataclass) as an OmegaConf node that composition may write to. The dataclasses are frozen, so that a
+    resolved run config (config/resolve.py) cannot change under the code reading it; OmegaConf marks a frozen
+    dataclass's nodes read-only, and composing (Hydra's overrides, merging a restored config) needs them writable.
+    The node keeps its dataclass type, so keys and types are still checked."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def thaw(node: Any) -> None:
+        OmegaConf.set_readonly(node, None)
+        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                thaw(child)
+
+    node = OmegaConf.structured(schema or TrainConfig)
+    thaw(node)
+    return node
+
+
 def register_configs() -> None:
+    """The schema in Hydra's ConfigStore, and the resolvers the YAML files use."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=structured_schema())
+    if not OmegaConf.has_resolver("linear_warmup"):
+        OmegaConf.register_new_resolver("linear_warmup", linear_warmup)
 
 
-__all__ = ["TrainConfig", "register_configs"]
+__all__ = ["OWN_WARMUP_SCHEDULES", "TrainConfig", "linear_warmup", "register_configs", "structured_schema"]

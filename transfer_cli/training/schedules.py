@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
+from transfer_cli.config.checks import check_warmup  # the rule, checked before torch loads too
 from transfer_cli.errors import TransferError
 
 ALIASES = {"none": "constant"}  # older configs said scheduler.name=none
@@ -52,11 +53,7 @@ def run_length(trainer: Any) -> RunLength:
 
 
 def warmup_steps(sched_cfg: Any, steps_per_epoch: float) -> float:
-    if sched_cfg.warmup_steps and sched_cfg.warmup_epochs:
-        raise TransferError(
-            "scheduler.warmup_steps and scheduler.warmup_epochs are both set",
-            "keep one: scheduler.warmup_epochs=0 or scheduler.warmup_steps=0",
-        )
+    check_warmup(sched_cfg)
     if sched_cfg.warmup_steps:
         return float(sched_cfg.warmup_steps)
     return float(sched_cfg.warmup_epochs) * steps_per_epoch
@@ -182,16 +179,6 @@ class PlateauAfterWarmup(ReduceLROnPlateau):
 
     def state_dict(self) -> dict:  # the warmup scheduler is saved on its own
         return {k: v for k, v in super().state_dict().items() if k != "warmup"}
-
-
-def check_warmup(sched_cfg: Any) -> None:
-    """Fail on a contradictory warmup when the run is assembled, not at its first step."""
-    warmup_steps(sched_cfg, 1.0)
-    if sched_cfg.name == "onecycle" and (sched_cfg.warmup_epochs or sched_cfg.warmup_steps):
-        raise TransferError(
-            "scheduler=onecycle has its own warmup (scheduler.pct_start of the run)",
-            "scheduler.warmup_epochs=0 scheduler.warmup_steps=0, and set scheduler.pct_start",
-        )
 
 
 def step_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Any, run: RunLength) -> LambdaLR:
