@@ -98,6 +98,19 @@ def test_a_bad_value_is_refused_before_torch_loads(tmp_path, data, override, in_
     assert tree_hash(data) == before
 
 
+@pytest.mark.parametrize("command,argument,in_message", [
+    ("data-report", "hydra.run.dir=elsewhere", ["keys that choose what it reads", "output=<folder>"]),
+    ("data-report", "optimizer.lr=0.1", ["keys that choose what it reads"]),
+    ("eval", "optimizer.lr=0.1", ["comes from the checkpoint"]),
+])
+def test_an_argument_a_command_does_not_take_is_explained_in_that_commands_terms(tmp_path, data, command,
+                                                                                 argument, in_message):
+    args = [f"data.root={data}", "data=imagefolder"] if command == "data-report" else [f"ckpt={tmp_path}"]
+    message = refused(cli(command, *args, argument, cwd=tmp_path, probe=True), *in_message)
+    if command == "data-report":
+        assert "checkpoint" not in message  # it has none
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path, data):
     afile = tmp_path / "afile.txt"
     afile.write_text("keep me")

@@ -7,6 +7,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from transfer_cli.config.overrides import take
 from transfer_cli.errors import TransferError, from_os_error, print_error
 from transfer_cli.resume.plan import is_resume, resume_command, resume_launch
 from transfer_cli.run_dir import claim, is_child_rank, register_resolver, release
@@ -21,20 +22,20 @@ def _train_task(cfg: Any) -> Any:
     from hydra.types import RunMode
 
     from transfer_cli.config.choices import check_choices
-    from transfer_cli.config.compose import as_schema
+    from transfer_cli.config.resolve import resolve_run
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         check_choices(cfg)
-        typed = as_schema(cfg)  # every value in range before torch loads
+        typed = resolve_run(cfg, run_dir)  # the run's config, resolved once; every value checked before torch loads
         if not is_child_rank():  # the run owns its dir (a DDP rank > 0 shares rank 0's)
             claim(run_dir, resuming=bool(typed.resume))
         from transfer_cli.train import train  # torch, Lightning and timm load only once the config is valid
 
         with relaunchable_job([str(o) for o in hydra_cfg.overrides.task], hydra_cfg.runtime.output_dir, multirun):
-            summary = train(cfg)
+            summary = train(typed)
         if multirun:  # a sweeper (Optuna) needs the number it optimises; the summary stays in the run dir
             return objective(Path(summary["run_dir"]), str(cfg.callbacks.monitor), str(cfg.callbacks.mode))
         return summary
@@ -64,11 +65,6 @@ HYDRA_ONLY_FLAGS = ("-m", "--multirun", "-c", "--cfg", "-h", "--help", "--hydra-
                     "--resolve", "-sc", "--shell-completion", "-p", "--package")
 
 
-def _explicit(args: list[str], key: str) -> str | None:
-    values = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == key]
-    return values[-1] if values else None
-
-
 def _before_hydra(args: list[str], resuming: bool) -> None:
     """What Hydra would otherwise turn into a traceback, or do to another run's files before the run starts: a
     config that does not compose or holds a value out of range, and a run dir that is a file, read-only, in use
@@ -78,10 +74,10 @@ def _before_hydra(args: list[str], resuming: bool) -> None:
     other = [a for a in args if a.split("=", 1)[0] in HYDRA_ONLY_FLAGS]  # --cfg, --help, -m, ...: no single run now
     if not resuming and not other and not any(a.startswith("-") for a in args):
         as_schema(compose(args))  # a single run: compose it now (a sweep's jobs are checked one by one)
-    run_dir = _explicit(args, "hydra.run.dir")
+    run_dir = take(args, "hydra.run.dir")[0]
     if run_dir is not None and not other and not is_child_rank():
         claim(Path(run_dir), resuming=resuming)  # created and locked now, so Hydra writes .hydra/ into our dir
-    sweep_dir = _explicit(args, "hydra.sweep.dir")
+    sweep_dir = take(args, "hydra.sweep.dir")[0]
     if sweep_dir is not None and Path(sweep_dir).is_dir() and any(Path(sweep_dir).glob("*/job.json")):
         raise TransferError(f"the sweep dir {sweep_dir} holds an earlier sweep; its jobs would be written over",
                             "leave hydra.sweep.dir out (a new dir each sweep), or set hydra.sweep.dir=<a new folder>")

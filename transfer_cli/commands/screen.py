@@ -103,14 +103,14 @@ class ScreenRow:
 
 def candidates(overrides: list[str]) -> tuple[list[str], list[Optional[str]]]:
     """(the overrides without the backbone list, the backbones: model.backbone=a,b,c, or [None] for the config's)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from transfer_cli.config.overrides import override_key, parse
 
     rest, backbones = [], [None]
     for override in overrides:
-        if override.split("=", 1)[0] != "model.backbone":
+        if override_key(override) != "model.backbone":
             rest.append(override)
             continue
-        (parsed,) = OverridesParser.create().parse_overrides([override])
+        (parsed,) = parse([override])
         backbones = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else [str(parsed.value())]
     return rest, backbones
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from transfer_cli.config.overrides import override_key, take
 from transfer_cli.errors import TransferError, close_matches
 
 
@@ -48,24 +49,13 @@ COUNT = _count  # 0, 1, 2, ...
 POSITIVE_FLOAT = _positive_float
 
 
-def _override_key(arg: str) -> str:
-    key = arg.split("=", 1)[0]
-    return key.lstrip("+~")
-
-
 ANY_OVERRIDE: Optional[Sequence[str]] = None  # override_prefixes for commands that compose a whole run config
 
 
 def take_run_dir(overrides: list[str]) -> tuple[Optional[str], list[str]]:
     """(hydra.run.dir=X's X, the other overrides): commands that compose a run's config (lr-find,
     augment-preview) write where `transfer train` would, when told with Hydra's own key."""
-    found, rest = None, []
-    for o in overrides:
-        if o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" and "=" in o:
-            found = o.split("=", 1)[1]
-        else:
-            rest.append(o)
-    return found, rest
+    return take(overrides, "hydra.run.dir")
 
 
 def expand_home(arg: str) -> str:
@@ -118,7 +108,7 @@ def parse_command_args(
             except (TypeError, ValueError):
                 raise TransferError(f"{arg}: {key} takes {opt.help or 'another value'}",
                                     f"e.g. {key}={opt.default if opt.default is not None else opt.example}")
-        elif _allowed(_override_key(arg), override_prefixes):
+        elif _allowed(override_key(arg), override_prefixes):
             overrides.append(arg)
         else:
             assert override_prefixes is not None
@@ -128,11 +118,11 @@ def parse_command_args(
                 close = close_matches(key, [p for p in override_prefixes], n=1)
             allowed = ", ".join([*(f"{o}=" for o in options),
                                  *(p + "*" if p.endswith(".") else p + "=" for p in override_prefixes)])
-            why = "" if close else " (the rest of the run's config comes from the checkpoint)"
             raise TransferError(
-                f"unknown argument '{key}' for `transfer {command}`{why}"
+                f"unknown argument '{key}' for `transfer {command}`{'' if close else _why_not(options)}"
                 + (f"; did you mean {close[0]}?" if close else ""),
-                f"the arguments are: {allowed}",
+                ("it writes where output=<folder> says; " if key.startswith("hydra.") and "output" in options
+                 else "") + f"the arguments are: {allowed}",
             )
     missing = [name for name, opt in options.items() if opt.required and values[name] is None]
     if missing:
@@ -140,6 +130,14 @@ def parse_command_args(
                             f"e.g. transfer {command} {_example(options)}")
     check_overrides(overrides)  # schema keys and types, with did-you-mean, before anything heavy is imported
     return values, overrides
+
+
+def _why_not(options: dict[str, Option]) -> str:
+    """Why a config key is no argument of this command: a command on a checkpoint takes the run's config from it;
+    any other takes only the keys that choose what it reads."""
+    if "ckpt" in options:
+        return " (the rest of the run's config comes from the checkpoint)"
+    return " (it takes only its own options and the keys that choose what it reads)"
 
 
 def _example(options: dict[str, Option]) -> str:

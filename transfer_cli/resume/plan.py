@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from transfer_cli.config.overrides import later_wins, names, override_key, parse, take
 from transfer_cli.errors import TransferError
 from transfer_cli.resume.checkpoints import (
     checkpoint_config, checkpoints_in, is_whole, read_checkpoint, resolve_checkpoint, run_dir_of,
@@ -63,17 +64,11 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def is_resume(overrides: list[str]) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == RESUME_KEY for o in overrides if "=" in o)
+    return names(overrides, RESUME_KEY)
 
 
 def _parse(overrides: list[str]) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_overrides(overrides)
-    except HydraException as e:
-        raise TransferError(f"could not parse the overrides: {e}", "write them as key=value, e.g. trainer.max_epochs=20")
+    return parse(overrides, fix="write them as key=value, e.g. trainer.max_epochs=20")
 
 
 def _safe(key: str) -> bool:
@@ -91,7 +86,7 @@ def original_overrides(run_dir: Path) -> list[str]:
         saved = OmegaConf.to_container(OmegaConf.load(path))
     except Exception:
         return []
-    return [str(o) for o in saved or [] if not str(o).split("=", 1)[0].lstrip("+~").startswith((RESUME_KEY, "hydra"))]
+    return [str(o) for o in saved or [] if not override_key(str(o)).startswith((RESUME_KEY, "hydra"))]
 
 
 def newest_run(name: str, outputs: Path = Path("outputs")) -> Path:
@@ -129,15 +124,6 @@ def load_resumable(ref: str | Path) -> tuple[Path, dict]:
                         "still seed one: model.weights=<that .ckpt> explains how")
 
 
-def _later_wins(overrides: list[str]) -> list[str]:
-    """Overrides with each key once, the last value kept (a command line that repeats a key is ambiguous)."""
-    by_key: dict[str, str] = {}
-    for o in overrides:
-        by_key.pop(o.split("=", 1)[0].lstrip("+"), None)
-        by_key[o.split("=", 1)[0].lstrip("+")] = o
-    return list(by_key.values())
-
-
 def _select_run(ref: str, selectors: list[str]) -> Path:
     if ref != "last":
         if selectors:
@@ -153,12 +139,12 @@ def _select_run(ref: str, selectors: list[str]) -> Path:
 def _apply(cfg: Any, parsed: list[Any], ckpt: Path) -> None:
     from omegaconf import OmegaConf
 
-    from transfer_cli.config.schema import TrainConfig
+    from transfer_cli.config.schema import structured_schema
 
     for ov in parsed:
         OmegaConf.update(cfg, ov.key_or_group, ov.value(), force_add=True)
     try:  # the schema still types every key: trainer.max_epochs=ten fails here, with the key named
-        OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        OmegaConf.merge(structured_schema(), cfg)
     except Exception as e:
         raise TransferError(f"the resumed config does not validate: {e}".splitlines()[0],
                             f"check the overrides' types, e.g. {resume_command(run_dir_of(ckpt))} trainer.max_epochs=20")
@@ -190,7 +176,7 @@ def plan_resume(ref: str, overrides: list[str]) -> ResumePlan:
             raise TransferError("logger=... cannot be given when resuming; the run keeps its trackers",
                                 f"switch one on or off by its key: {resume_command(ref)} logger.mlflow=true")
         if ov.type == OverrideType.DEL or ov.is_sweep_override() or not _safe(key):
-            new_run = " ".join(shlex.quote(o) for o in _later_wins([*original_overrides(run_dir), *rest]))
+            new_run = " ".join(shlex.quote(o) for o in later_wins([*original_overrides(run_dir), *rest]))
             # The weights fit only the network they trained: a change to the model starts from scratch.
             start = "" if key.startswith("model.") else f" model.weights={shlex.quote(str(ckpt))}"
             what = "a new run" if start == "" else "a new run from its weights"
@@ -210,12 +196,7 @@ def plan_resume(ref: str, overrides: list[str]) -> ResumePlan:
 
 def resume_target(overrides: list[str]) -> tuple[str, list[str]]:
     """(the resume= value, the other overrides) from a `transfer train` command line."""
-    ref, rest = None, []
-    for o in overrides:
-        if "=" in o and o.split("=", 1)[0].lstrip("+~") == RESUME_KEY:
-            ref = o.split("=", 1)[1]
-        else:
-            rest.append(o)
+    ref, rest = take(overrides, RESUME_KEY)
     if not ref or ref in ("null", "None"):
         raise TransferError("resume= needs a run dir, a .ckpt file or 'last'",
                             "transfer train resume=outputs/<name>/<date>_<time>  (or resume=last)")
