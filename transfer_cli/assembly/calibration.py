@@ -83,7 +83,7 @@ def calibrate_checkpoints(run: Any, checkpoints: Sequence[Optional[str | Path]])
         return {}
     names = list(run.splits.class_names)
     criterion, positive = c.threshold_criterion, positive_index(cfg, names)
-    if criterion != "none" and len(set(t for _, t in run.splits.val)) < 2:
+    if criterion != "none" and len({t for _, t in run.splits.val}) < 2:
         log.warning("calibration.threshold_criterion=%s skipped: the validation split holds one class only", criterion)
         criterion = "none"
     module, device = run.module, run.trainer.strategy.root_device
@@ -103,7 +103,8 @@ def calibrate_checkpoints(run: Any, checkpoints: Sequence[Optional[str | Path]])
                      path.name, block["images"], block["temperature"], block["ece_val_before"],
                      block["ece_val_after"], block["nll_val_before"], block["nll_val_after"],
                      "" if block["threshold"] is None else f"; {block['positive_class']} when p >= "
-                     f"{block['threshold']:.4f} ({criterion})")
+                     f"{block['threshold']:.4f} ({criterion}"
+                     + (f" >= {c.target_recall:g})" if criterion == "recall" else ")"))
     finally:
         forget_checkpoint()
         module.model.to(was_on)
