@@ -200,3 +200,30 @@ def test_a_threshold_the_data_cannot_take_fails_before_training(tmp_path):
         compose(["calibration.threshold_criterion=f1_score"])
     with pytest.raises(TransferError, match="calibration.target_recall"):
         as_schema(compose(["calibration.target_recall=1.5"]))
+
+
+def test_resuming_a_finished_run_with_another_criterion_refits_only_the_calibration(tmp_path):
+    from transfer_cli.resume.plan import plan_resume
+
+    root = _make_image_folder(tmp_path / "data", per_class=6)
+    first = train(tiny_cfg(tmp_path, root, *OVERCONFIDENT, "trainer.max_epochs=2"))
+    assert first["calibration"]["criterion"] == "none" and first["calibration"]["threshold"] is None
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=True)
+    again = train(plan_resume(str(tmp_path / "run"), ["calibration.threshold_criterion=balanced_accuracy"]).config)
+    after = torch.load(last, map_location="cpu", weights_only=True)
+    assert again["epochs"] == first["epochs"] and after["global_step"] == before["global_step"]
+    assert all(torch.equal(before["state_dict"][k], v) for k, v in after["state_dict"].items())
+    block = after["transfer"]["calibration"]
+    assert block["criterion"] == "balanced_accuracy" and block["threshold"] is not None
+    assert block["temperature"] == before["transfer"]["calibration"]["temperature"]  # the same weights, the same T
+
+
+def test_predict_takes_calibrated_true_or_false_only():
+    from transfer_cli.commands.predict import OPTIONS, OVERRIDES
+    from transfer_cli.config.args import parse_command_args
+
+    values, _ = parse_command_args("predict", ["ckpt=x", "input=y", "calibrated=false"], OPTIONS, OVERRIDES)
+    assert values["calibrated"] is False
+    with pytest.raises(TransferError, match="calibrated"):
+        parse_command_args("predict", ["ckpt=x", "input=y", "calibrated=maybe"], OPTIONS, OVERRIDES)

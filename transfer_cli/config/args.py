@@ -154,5 +154,5 @@ def _example(options: dict[str, Option]) -> str:
     return " ".join(f"{name}={opt.example}" for name, opt in options.items() if opt.required) or "key=value"
 
 
-__all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "COUNT", "BOOL",
-           "ANY_OVERRIDE"]
+__all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "COUNT",
+           "BOOL", "ANY_OVERRIDE"]

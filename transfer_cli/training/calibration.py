@@ -156,11 +156,6 @@ def choose_threshold(positive_probs: torch.Tensor, positive: torch.Tensor, crite
                            got["recall"], got["specificity"], got["precision"], got["f1"], got["balanced_accuracy"])
 
 
-def decide_binary(positive_probs: torch.Tensor, threshold: float, positive_index: int) -> torch.Tensor:
-    """The class index of each image: `positive_index` where its probability >= threshold, else the other."""
-    return torch.where(positive_probs >= threshold, positive_index, 1 - positive_index)
-
-
 def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, class_names: list[str], *, temperature: bool,
                     criterion: str = "none", target_recall: Optional[float] = None, positive_index: int = 1,
                     bins: int = 15) -> dict:
@@ -191,4 +186,4 @@ def calibrated_probabilities(logits: torch.Tensor, block: Optional[dict]) -> tor
 
 
 __all__ = ["fit_calibration", "calibrated_probabilities", "fit_temperature", "nll", "ece", "reliability_bins", "ReliabilityBins", "choose_threshold",
-           "ThresholdChoice", "binary_scores", "decide_binary", "CRITERIA"]
+           "ThresholdChoice", "binary_scores", "CRITERIA"]
