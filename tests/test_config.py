@@ -143,12 +143,14 @@ def registries():
     from transfer_cli.tracking.trackers import TRACKERS
     from transfer_cli.sweeps.tune import PRUNERS
     from transfer_cli.sweeps.tune import SAMPLERS as TUNE_SAMPLERS
+    from transfer_cli.training.calibration import CRITERIA as THRESHOLD_CRITERIA
 
     return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES),
             ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
             ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
             ("data.elpv_task", ELPV_CLASSES), ("trainer.compile", COMPILE_MODES), ("logger", TRACKERS),
-            ("tune.sampler", TUNE_SAMPLERS), ("tune.pruner", PRUNERS), ("transfer.head_solver", HEAD_SOLVERS)]
+            ("tune.sampler", TUNE_SAMPLERS), ("tune.pruner", PRUNERS), ("transfer.head_solver", HEAD_SOLVERS),
+            ("calibration.threshold_criterion", THRESHOLD_CRITERIA)]
 
 
 def test_every_registry_holds_exactly_the_names_its_choice_allows():

@@ -113,7 +113,7 @@ def test_arguments_are_checked_with_did_you_mean():
     assert values == {"ckpt": "x", "split": "val"} and overrides == ["data.batch_size=3"]
 
 
-def test_predict_lists_unreadable_images_and_matches_the_models_argmax(tiny_run, tmp_path):
+def test_predict_lists_unreadable_images_and_gives_the_models_calibrated_probabilities(tiny_run, tmp_path):
     _, run_dir, root = tiny_run
     images = sorted((root / "test").rglob("*.png"))
     corrupt = root / "test" / "cat" / "zz_corrupt.png"
@@ -132,13 +132,22 @@ def test_predict_lists_unreadable_images_and_matches_the_models_argmax(tiny_run,
     transform = eval_transform(restored.data_config)
     batch = torch.stack([transform(load_rgb(str(p))) for p in images])
     with torch.no_grad():
-        probs = restored.model(batch).softmax(dim=-1)
-    for path, p in zip(images, probs):
-        row = rows[str(path)]
-        assert row["error"] == ""
+        logits = restored.model(batch)
+    # the probabilities are the checkpoint's calibrated ones: softmax(logits / T), T fitted on val after training
+    stored = torch.load(restored.checkpoint, map_location="cpu", weights_only=True)["transfer"]["calibration"]
+    temperature = stored["temperature"]
+    assert temperature != 1.0
+    raw = predict(run_dir, root / "test", tmp_path / "raw.csv", topk=3, calibrated=False)
+    raw_rows = {row["path"]: row for row in raw.rows}
+    for path, z in zip(images, logits):
+        row, p = rows[str(path)], (z / temperature).softmax(dim=-1)
+        assert row["error"] == "" and row["decision"] == "argmax"
+        assert float(row["temperature"]) == pytest.approx(temperature, rel=1e-5)
         assert row["label"] == row["top1_label"] == restored.class_names[int(p.argmax())]
         assert float(row["probability"]) == pytest.approx(float(p.max()), abs=1e-5)
         assert float(row["top1_prob"]) >= float(row["top2_prob"]) >= float(row["top3_prob"])
+        assert float(raw_rows[str(path)]["probability"]) == pytest.approx(float(z.softmax(-1).max()), abs=1e-5)
+        assert raw_rows[str(path)]["temperature"] == "1" and raw_rows[str(path)]["label"] == row["label"]
 
 
 @pytest.mark.slow  # the torch.export-based ONNX exporter takes ~15 s even for the tiny network

@@ -221,5 +221,7 @@ def test_multilabel_trains_and_reports_mAP(tmp_path, transfer, augmentation, cac
     meta = best["transfer"]
     assert meta["task"] == "multilabel" and meta["multilabel_threshold"] == 0.5
     assert meta["class_names"] == list(LABELS)
+    # no temperature per label: skipped, and said so, rather than one softmax temperature on sigmoids
+    assert summary["calibration"]["skipped"].startswith("task=multilabel") and "calibration" not in meta
     head_out = [v.shape[0] for k, v in best["state_dict"].items() if k.startswith("model.head.") and v.ndim == 2]
     assert head_out[-1] == len(LABELS)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 CURVES_NAME = "curves.png"
 CONFUSION_NAME = "confusion_matrix.png"
 PROBE_CURVE_NAME = "probe_curve.png"
+RELIABILITY_NAME = "reliability.png"
 # Panels of curves.png: (title, [(metrics.csv column, legend label)]); a column that the run never logged is skipped.
 CURVE_PANELS = (
     ("loss", [("train/loss_epoch", "train"), ("val/loss", "val")]),
@@ -150,6 +151,32 @@ def write_label_matrices(matrices: Sequence[Any], class_names: Sequence[str], ou
     fig.supylabel("true")
     if title:
         fig.suptitle(title, fontsize=10)
+    output = Path(output)
+    save_figure(fig, output)
+    return output
+
+
+def write_reliability(curves: Sequence[tuple[str, Any]], output: Path, title: str = "") -> Path:
+    """A reliability diagram: per confidence bin, the accuracy against the mean confidence (the diagonal is
+    perfect calibration), one line per (label, training.calibration.ReliabilityBins); below it, how many images
+    each bin holds, since a bin of three images says little."""
+    fig = new_figure(figsize=(5.0, 5.6))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for k, (label, bins) in enumerate(curves):
+        points = [(c, a) for c, a in zip(bins.confidence, bins.accuracy) if c is not None]
+        top.plot([c for c, _ in points], [a for _, a in points], marker="o", markersize=4, label=label)
+        width = (bins.edges[1] - bins.edges[0]) / max(1, len(curves))
+        lefts = [e + k * width for e in bins.edges[:-1]]
+        bottom.bar(lefts, bins.counts, width=width, align="edge", alpha=0.7, label=label)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(fontsize=8, loc="upper left")
+    bottom.set_xlabel("confidence (top class probability)")
+    bottom.set_ylabel("images")
+    if title:
+        top.set_title(title, fontsize=10)
     output = Path(output)
     save_figure(fig, output)
     return output

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_cli.assembly.calibration import calibrate_checkpoints, positive_index
 from transfer_cli.assembly.run import build_run
 from transfer_cli.atomic import atomic_write_json, atomic_write_text
 from transfer_cli.config.resolve import resolve_run
@@ -119,6 +120,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(typed)))
 
     run = build_run(typed, run_dir)
+    positive_index(typed, run.splits.class_names)  # a threshold asked of a task it cannot decide fails now
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
     trainer.callbacks.extend(callbacks)
     leaked = _write_data_report(splits, run_dir) if trainer.is_global_zero else 0
@@ -177,6 +179,8 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
         summary["test_acc"] = _metric(trainer, "test/acc")
         if typed.task == "multilabel":
             summary["test_mAP"] = _metric(trainer, "test/mAP")
+    # after the test, which scores the weights as trained; each checkpoint gets its own (assembly/calibration.py)
+    summary["calibration"] = calibrate_checkpoints(run, [best_path, summary["last_checkpoint"]])
     summary["wall_time_s"] = round(time.time() - started, 1)
     atomic_write_json(run_dir / "summary.json", summary)
     model_file = best_path or summary["last_checkpoint"]

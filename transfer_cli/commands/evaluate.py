@@ -33,7 +33,7 @@ OPTIONS = {
 }
 # What may change between training and evaluation: the data, TTA, the threshold and where it runs.
 OVERRIDES = ("data", "data.", "eval.", "multilabel_threshold", "trainer.accelerator", "trainer.precision",
-             "trainer.channels_last")
+             "trainer.channels_last", "calibration.bins")
 
 
 def _remap(splits: Any, class_names: Sequence[str]) -> Any:
@@ -232,6 +232,11 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
     }
     if multilabel:
         report["multilabel_threshold"] = restored.threshold
+    else:  # ECE before/after the checkpoint's temperature, reliability.png, scores at its decision threshold
+        from transfer_cli.commands.calibration_report import calibration_section, stored_calibration
+
+        report["calibration"] = calibration_section(stored_calibration(restored), logits, targets,
+                                                    cfg.calibration.bins, out_dir, title)
     report_path = atomic_write_json(out_dir / REPORT_NAME, report)
     report["report"] = str(report_path)
     return report
@@ -249,6 +254,16 @@ def print_report(report: dict) -> None:
     for key, value in report["metrics"].items():
         head.add_row(key, f"{value:.4f}")
     head.add_row("tta", report["tta"])
+    cal = report.get("calibration")
+    if cal:
+        after = f" -> {cal['ece_after']:.4f} at T = {cal['temperature']:.4f}" if cal["stored"] else \
+            " (the checkpoint holds no temperature)"
+        head.add_row("ECE", f"{cal['ece_before']:.4f}{after}")
+        at = cal.get("at_threshold")
+        if at:
+            head.add_row("at threshold", f"{at['positive_class']} when p >= {at['threshold']:.4f} ({at['criterion']}): "
+                         f"recall {at['recall']:.4f}, precision {at['precision']:.4f}, balanced acc "
+                         f"{at['balanced_accuracy']:.4f}, F1 {at['f1']:.4f}")
     if report["bad_images"]:
         head.add_row("unreadable", f"{len(report['bad_images'])} (skipped; listed in the report)")
     head.add_row("checkpoint", report["checkpoint"])
@@ -272,9 +287,11 @@ def print_report(report: dict) -> None:
     if report["most_confused"]:
         console.print(confused)
     files = [("report", "report"), ("confusion matrix", "confusion_matrix_png"),
+             ("reliability", "reliability_png"),
              (f"misclassified ({report['misclassified']})", "misclassified_csv"), ("top losses", "top_losses_png"),
              ("Grad-CAM", "gradcam_png")]
-    console.print("\n".join(f"{label}: {report[key]}" for label, key in files if report.get(key)), highlight=False)
+    paths = {**report, "reliability_png": (cal or {}).get("reliability_png")}
+    console.print("\n".join(f"{label}: {paths[key]}" for label, key in files if paths.get(key)), highlight=False)
 
 
 def eval_command(args: list[str]) -> None:

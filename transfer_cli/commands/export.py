@@ -69,9 +69,21 @@ def export_metadata(restored: Any) -> dict:
         "task": restored.task,
         "multilabel_threshold": restored.threshold,
         "class_names": restored.class_names,
+        # the exported network gives raw logits: divide them by the temperature (and decide a binary task at the
+        # threshold) to get what `transfer predict` reports; null where the run fitted no calibration
+        "calibration": _calibration(restored),
         "backbone": restored.meta.get("backbone"),
         "checkpoint": str(restored.checkpoint),
     }
+
+
+def _calibration(restored: Any) -> dict | None:
+    from transfer_cli.commands.calibration_report import stored_calibration
+
+    block = stored_calibration(restored)
+    if block is None:
+        return None
+    return {k: block.get(k) for k in ("temperature", "threshold", "positive_class", "criterion", "target_recall")}
 
 
 def _require(*modules: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transfer_cli.atomic import atomic_write_text
-from transfer_cli.config.args import POSITIVE_INT, Option, parse_command_args
+from transfer_cli.config.args import BOOL, POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_file
 
@@ -29,6 +29,8 @@ OPTIONS = {
                     example="images/"),
     "output": Option(str, "predictions.csv", help="the CSV to write (a folder: <folder>/predictions.csv)"),
     "topk": Option(POSITIVE_INT, 3, help="a positive number of labels per row"),
+    "calibrated": Option(BOOL, True, help="true or false: the checkpoint's temperature and decision threshold "
+                         "(fitted on val), or the raw softmax and the most probable class", example="false"),
 }
 OVERRIDES = ("eval.", "multilabel_threshold", "data.batch_size", "data.eval_batch_size", "data.num_workers",
              "data.image_size", "data.crop_pct", "data.interpolation", "data.mean", "data.std",
@@ -94,8 +96,10 @@ def input_batches(restored: Any, paths: list[str]) -> tuple[Any, Any, Callable[[
 
 
 def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predictions.csv", topk: int = 3,
-            overrides: Sequence[str] = ()) -> PredictResult:
-    """Predict every image of `source` with the checkpoint and write the CSV `output`."""
+            overrides: Sequence[str] = (), calibrated: bool = True) -> PredictResult:
+    """Predict every image of `source` with the checkpoint and write the CSV `output`; `calibrated`: with the
+    checkpoint's temperature and binary decision threshold where it holds them."""
+    from transfer_cli.commands.calibration_report import decision_rule, describe, stored_calibration
     from transfer_cli.commands.restore import restore
     from transfer_cli.inference import autocast_for, infer, pick_device, place_model
     from transfer_cli.training.predictions import decode_predictions
@@ -113,10 +117,20 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
     logits, positions = infer(tta_forward(model, cfg.eval.tta, cfg.eval.multicrop_fraction), loader,
                               device=device, autocast=autocast_for(device, cfg.trainer.precision),
                               channels_last=channels_last, prepare=prepare)
+    calibration = stored_calibration(restored, calibrated)
+    if task != "multilabel":
+        log.info("predict: %s", describe(calibration))
+    temperature = float(calibration["temperature"]) if calibration else 1.0
+    rule = decision_rule(calibration)
     rows: list[dict | None] = [None] * len(paths)
-    predictions = decode_predictions(logits, names, task, restored.threshold) if len(positions) else []
+    predictions = decode_predictions((logits.double() / temperature).float(), names, task, restored.threshold,
+                                     binary_rule=rule) if len(positions) else []
+    # Every row says how its probabilities and label came about, so a CSV read alone cannot be misread.
+    how = {} if task == "multilabel" else {
+        "temperature": f"{temperature:.6g}",
+        "decision": "argmax" if rule is None else f"{names[rule[0]]} if p>={rule[1]:.6f}"}
     for index, pred in zip(positions.tolist(), predictions):
-        rows[index] = _row(paths[index], pred, names, task, k)
+        rows[index] = {**_row(paths[index], pred, names, task, k), **how}
     bad = unreadable.items
     position = {p: i for i, p in enumerate(paths)}
     for path, reason in bad:
@@ -128,7 +142,7 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
         raise TransferError(f"none of the {len(paths)} image(s) could be read (first: {bad[0][0]}: {bad[0][1]})",
                             "check the input: JPEG, PNG and the other formats Pillow reads")
     result = PredictResult(Path(output), [r for r in rows if r is not None], bad)
-    _write_csv(result.output, result.rows, k)
+    _write_csv(result.output, result.rows, k, list(how))
     return result
 
 
@@ -155,11 +169,11 @@ def _row(path: str, pred: Any, names: Sequence[str], task: str, k: int) -> dict:
     return row
 
 
-def _write_csv(output: Path, rows: list[dict], k: int) -> None:
+def _write_csv(output: Path, rows: list[dict], k: int, extra: Sequence[str] = ()) -> None:
     columns = ["path", "label", "probability"]
     for rank in range(1, k + 1):
         columns += [f"top{rank}_label", f"top{rank}_prob"]
-    columns.append("error")
+    columns += [*extra, "error"]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, restval="")
     writer.writeheader()
@@ -169,7 +183,8 @@ def _write_csv(output: Path, rows: list[dict], k: int) -> None:
 
 def predict_command(args: list[str]) -> None:
     options, overrides = parse_command_args("predict", args, OPTIONS, OVERRIDES)
-    result = predict(options["ckpt"], options["input"], options["output"], options["topk"], overrides)
+    result = predict(options["ckpt"], options["input"], options["output"], options["topk"], overrides,
+                     calibrated=options["calibrated"])
     good = len(result.rows) - len(result.bad)
     print(f"predicted {good} image(s)" + (f", {len(result.bad)} unreadable" if result.bad else "")
           + f": {result.output}")

@@ -44,7 +44,15 @@ def _count(text: str) -> int:
     return value
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(text)
+    return value == "true"
+
+
 POSITIVE_INT = _positive_int
+BOOL = _bool  # true | false
 COUNT = _count  # 0, 1, 2, ...
 POSITIVE_FLOAT = _positive_float
 
@@ -145,4 +153,4 @@ def _example(options: dict[str, Option]) -> str:
 
 
 __all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "COUNT",
-           "ANY_OVERRIDE"]
+           "BOOL", "ANY_OVERRIDE"]

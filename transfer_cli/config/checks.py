@@ -178,6 +178,13 @@ def check_values(cfg: Any) -> None:
     # the rest
     _number("multilabel_threshold", cfg.multilabel_threshold, 0, 1, low_open=True, high_open=True, example=0.5)
     _number("eval.multicrop_fraction", cfg.eval.multicrop_fraction, 0, 1, low_open=True, example=0.875)
+    _number("calibration.target_recall", cfg.calibration.target_recall, 0, 1, low_open=True, example=0.9)
+    _number("calibration.bins", cfg.calibration.bins, 1, example=15)
+    if cfg.task == "multilabel" and cfg.calibration.threshold_criterion != "none":
+        raise TransferError(f"calibration.threshold_criterion={cfg.calibration.threshold_criterion} chooses the "
+                            "decision threshold of a two-class task, but task=multilabel",
+                            "multilabel_threshold=<value> sets the labels' threshold; "
+                            "calibration.threshold_criterion=none")
 
 
 __all__ = ["check_values", "check_warmup", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]

@@ -49,6 +49,7 @@ ENUMS = {
     "trainer.compile": ("false", "true", "default", "reduce-overhead", "max-autotune"),
     "tune.sampler": ("tpe", "random"),
     "tune.pruner": ("median", "hyperband", "none"),
+    "calibration.threshold_criterion": ("none", "balanced_accuracy", "f1", "recall"),
 }
 
 

@@ -233,6 +233,19 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    # After training, per checkpoint (best.ckpt, last.ckpt), on the validation split only (none: skipped), stored
+    # in the checkpoint and used by `transfer predict` and `transfer eval`; summary.json `calibration`.
+    temperature: bool = True  # single-label tasks: fit one temperature dividing the logits (val NLL); multilabel: skipped
+    # Two classes: the decision threshold on the positive class's probability, chosen on val for this criterion:
+    # none (argmax) | balanced_accuracy | f1 | recall (the highest threshold whose val recall >= target_recall)
+    threshold_criterion: str = "none"
+    target_recall: float = 0.9
+    positive_class: Optional[str] = None  # the class the threshold decides; None: the second class (index 1)
+    bins: int = 15  # equal-width confidence bins of the ECE and reliability.png
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     # The run dir: Hydra's run dir when `transfer train` runs; None in a config composed outside a Hydra run.
     output_dir: Optional[str] = "${hydra:runtime.output_dir}"
@@ -257,14 +270,15 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 SCHEMA_NAME = "train_schema"
 
 
 def structured_schema(schema: Optional[type] = None) -> Any:
-    """The schema (TrainConfig, or one group's dataclass) as an OmegaConf node that composition may write to. The dataclasses are frozen, so that a
-    resolved run config (config/resolve.py) cannot change under the code reading it; OmegaConf marks a frozen
+    """The schema (TrainConfig, or one group's dataclass) as an OmegaConf node that composition may write to. The
+    dataclasses are frozen, so that a resolved run config (config/resolve.py) cannot change under the code reading it; OmegaConf marks a frozen
     dataclass's nodes read-only, and composing (Hydra's overrides, merging a restored config) needs them writable.
     The node keeps its dataclass type, so keys and types are still checked."""
     from omegaconf import DictConfig, ListConfig, OmegaConf

@@ -45,6 +45,7 @@ SAFE_ON_RESUME = (
     "callbacks.early_stopping_patience",
     "callbacks.test_ckpt",  # which checkpoint the end-of-run test scores; training is the same either way
     "transfer.cache_dir",
+    "calibration",  # fitted after training, on the saved weights: resuming a finished run refits it
 )
 # Only with resume=last: they pick the experiment whose newest run continues, and must match that run.
 SELECTORS = ("experiment", "name")

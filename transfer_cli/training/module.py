@@ -62,18 +62,20 @@ class TransferModule(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def eval_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The logits validation and test score: the head alone on cached features, else the network with
+        eval.tta (calibration reuses them, so it fits what validation measured)."""
+        if self.inputs == "features":
+            return self.model.head(inputs)
+        return self.tta(self.model, inputs) if self.tta is not None else self.model(inputs)
+
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor | None:
         inputs, target = batch
         if len(target) == 0:  # every image of the batch was unreadable: nothing to learn from, skip the step
             return None
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if self.inputs == "features":
-            logits = self.model.head(inputs)
-        elif stage != "train" and self.tta is not None:
-            logits = self.tta(self.model, inputs)
-        else:
-            logits = self.model(inputs)
+        logits = self.model(inputs) if stage == "train" and self.inputs != "features" else self.eval_logits(inputs)
         loss = self.criterion(logits, target)
         # Mixed batches have soft targets: train accuracy counts each mix's dominant label, so train/acc stays
         # logged and comparable between epochs (it reads lower than on clean images, by construction).

@@ -6,7 +6,7 @@ Pure functions of (logits, class names, task, threshold), shared by whatever tur
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,14 +23,20 @@ def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def decode_predictions(
-    logits: torch.Tensor, class_names: Sequence[str], task: str, threshold: float = 0.5
+    logits: torch.Tensor, class_names: Sequence[str], task: str, threshold: float = 0.5,
+    binary_rule: Optional[Tuple[int, float]] = None,
 ) -> List[Prediction]:
-    """One Prediction per row of `logits` (N, C). `threshold` only matters for task=multilabel."""
+    """One Prediction per row of `logits` (N, C). `threshold` only matters for task=multilabel; `binary_rule`
+    (positive class index, threshold), for two classes, predicts that class where its probability >= threshold
+    instead of the most probable class."""
     if logits.ndim != 2 or logits.shape[1] != len(class_names):
         raise ValueError(f"expected logits of shape (N, {len(class_names)}), got {tuple(logits.shape)}")
     probs = probabilities(logits, task).cpu()
     if task == "multilabel":
         chosen = [torch.nonzero(row >= threshold).flatten().tolist() for row in probs]
+    elif binary_rule is not None:
+        positive, cut = binary_rule
+        chosen = [[positive if float(row[positive]) >= cut else 1 - positive] for row in probs]
     else:
         chosen = [[int(i)] for i in probs.argmax(dim=-1)]
     return [
