@@ -168,6 +168,18 @@ def check_values(cfg: Any) -> None:
     # the rest
     _number("multilabel_threshold", cfg.multilabel_threshold, 0, 1, low_open=True, high_open=True, example=0.5)
     _number("eval.multicrop_fraction", cfg.eval.multicrop_fraction, 0, 1, low_open=True, example=0.875)
+    # transfer tune's workers
+    tu = cfg.tune
+    _number("tune.workers", tu.workers, 1, example=2)
+    _number("tune.heartbeat_s", tu.heartbeat_s, 1, example=30)
+    if tu.grace_s <= tu.heartbeat_s:
+        _fail("tune.grace_s", tu.grace_s, f"is not longer than tune.heartbeat_s={tu.heartbeat_s}: a live worker's "
+              "trial would be taken for dead between two heartbeats", f"e.g. tune.grace_s={4 * tu.heartbeat_s}")
+    if tu.storage is not None and "://" not in tu.storage and not (tu.storage == "journal"
+                                                                     or tu.storage.startswith("journal:")):
+        _fail("tune.storage", tu.storage, "is neither an Optuna RDB URL nor a journal file",
+              "tune.storage=journal (a journal file in tune.dir), tune.storage=journal:<file>, or a URL such as "
+              "sqlite:///study.db or postgresql://user@host/db")
 
 
 __all__ = ["check_values", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]
