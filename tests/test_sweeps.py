@@ -317,8 +317,10 @@ def test_workers_share_one_study_up_to_n_trials(tmp_path, tiny_imagefolder, stor
     pytest.importorskip("optuna", minversion="4")
     study_dir = tmp_path / "study"
     extra = [f"tune.storage={STORAGES[storage]}"] if STORAGES[storage] else []
+    # A heartbeat every second, dead after 10 s without one: the trials (several seconds each) stay alive only
+    # if the heartbeats of both workers get through while they train.
     out = transfer("tune", *tune_args(tiny_imagefolder, study_dir, "tune.n_trials=4", "tune.pruner=none",
-                                      "tune.workers=2", *extra), cwd=tmp_path)
+                                      "tune.workers=2", "tune.heartbeat_s=1", "tune.grace_s=10", *extra), cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "2 workers on CPU" in out.stdout and "worker 0 (PID" in out.stdout and "worker 1 (PID" in out.stdout
     trials = open_tune_study(study_dir, STORAGES[storage]).trials
@@ -326,6 +328,8 @@ def test_workers_share_one_study_up_to_n_trials(tmp_path, tiny_imagefolder, stor
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(params)) == 4  # each worker's sampler is seeded by the trial's number: no draw twice
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers trained
+    beats = [t.user_attrs["heartbeat"] - t.datetime_start.timestamp() for t in trials]
+    assert all(beat >= 1 for beat in beats), beats  # recorded while training, not only when the trial began
     rows = summary_rows(study_dir)
     assert sorted(r["job"] for r in rows) == ["0", "1", "2", "3"] and {r["status"] for r in rows} == {"ok"}
     for i in range(2):
@@ -346,7 +350,7 @@ def test_a_trial_of_a_killed_worker_is_rerun_once_by_another(tmp_path, tiny_imag
         victim, deadline = None, time.time() + 300
         while victim is None and time.time() < deadline:  # a trial that has begun to train: its job.json is there
             time.sleep(0.5)
-            if not (study_dir / "optuna.db").exists() and not (study_dir / "optuna.journal").exists():
+            if not list(study_dir.glob("*/job.json")):  # before one: the study (or its tables) may not exist yet
                 continue
             for trial in open_tune_study(study_dir, STORAGES[storage]).trials:
                 if trial.state.name == "RUNNING" and (study_dir / str(trial.number) / "job.json").is_file():

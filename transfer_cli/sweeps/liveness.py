@@ -6,7 +6,7 @@ heartbeat does not cover this: it exists for RDBStorage only (JournalStorage has
 inside `study.optimize`, whose loop cannot hold the ask lock that keeps the budget exact (tune.py). So each trial
 carries two user attributes, the same on every storage:
 - `worker`: {host, pid} of the process running it; on that host a dead PID means dead at once (run_dir's test);
-- `heartbeat`: a Unix time, refreshed every tune.heartbeat_s by a thread while the trial trains. A trial whose
+- `heartbeat`: a Unix time, refreshed every tune.heartbeat_s by a thread from the ask to the tell. A trial whose
   last sign of life (heartbeat, else its start) is older than tune.grace_s is dead, wherever its worker ran.
 A dead trial is marked FAIL and queued again by Optuna's retry callback (the same params, `retry_history` in its
 system attrs), at most MAX_RETRIES times: a trial that kills its worker each time (out of memory) stays failed.
@@ -48,7 +48,8 @@ def _retry_class() -> Any:
     import optuna
 
     # Optuna 4.9 renamed RetryFailedTrialCallback (kept as a deprecated alias) to RetryHeartbeatStaleTrialCallback.
-    return getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    renamed = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    return renamed or optuna.storages.RetryFailedTrialCallback
 
 
 def this_worker() -> dict[str, Any]:
@@ -70,9 +71,13 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="tune-heartbeat", daemon=True)
 
     def _beat(self) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
         while not self._stop.wait(self.interval):
             try:
                 self.trial.set_user_attr(HEARTBEAT, time.time())
+            except UpdateFinishedTrialError:  # told between two beats (or failed by a worker that took it for dead)
+                return
             except Exception as err:  # a busy SQLite file, a slow NFS: the next beat may pass; grace_s allows it
                 log.warning("trial %d: heartbeat not recorded (%s)", self.trial.number, err)
 

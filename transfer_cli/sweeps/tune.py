@@ -84,14 +84,12 @@ def _tell(study: Any, trial: Any, *args: Any, **kwargs: Any) -> bool:
     return True
 
 
-def run_trial(study: Any, trial: Any, base: list[str], study_dir: Path, monitor: str, mode: str,
-              heartbeat_s: float) -> JobRecord:
+def run_trial(study: Any, trial: Any, base: list[str], study_dir: Path, monitor: str, mode: str) -> JobRecord:
     """One trial, already asked: compose, train in <study dir>/<trial number>, tell Optuna how it went."""
     from optuna.trial import TrialState
 
     from transfer_cli.config.compose import as_schema, compose
     from transfer_cli.sweeps.callback import describe_error
-    from transfer_cli.sweeps.liveness import Heartbeat
     from transfer_cli.sweeps.pruning import PruneOnMonitor
     from transfer_cli.train import (
         train,  # torch, Lightning and timm load with the first trial
@@ -108,8 +106,7 @@ def run_trial(study: Any, trial: Any, base: list[str], study_dir: Path, monitor:
     try:
         cfg = as_schema(compose([DEFAULT_SPACE, *base, *sampled, f"paths.output_dir={run_dir}"]))
         pruning = PruneOnMonitor(trial, monitor)
-        with Heartbeat(trial, heartbeat_s):
-            train(cfg, callbacks=[pruning])
+        train(cfg, callbacks=[pruning])
         value = objective(run_dir, record.monitor, record.mode)
         outcome = run_outcome(run_dir, record.monitor, record.mode)
         record.best, record.epochs = outcome["best"], outcome["epochs"]
@@ -200,7 +197,7 @@ def connect(cfg: Any, study_dir: Path, name: str) -> tuple[Any, Any, Any]:
 
 def work_on_study(cfg: Any, space: dict[str, Any], base: list[str], study_dir: Path, name: str) -> list[JobRecord]:
     """This process as one worker of the study: trials until the study has tune.n_trials and none runs."""
-    from transfer_cli.sweeps.liveness import fail_dead_trials, mark_alive, tally
+    from transfer_cli.sweeps.liveness import Heartbeat, fail_dead_trials, mark_alive, tally
 
     t = cfg.tune
     storage, study, lock = connect(cfg, study_dir, name)
@@ -233,8 +230,9 @@ def work_on_study(cfg: Any, space: dict[str, Any], base: list[str], study_dir: P
                 trial = asking.ask(space)
                 mark_alive(trial)
         if trial is not None:
-            records.append(run_trial(asking, trial, keep, study_dir, cfg.callbacks.monitor, cfg.callbacks.mode,
-                                     t.heartbeat_s))
+            # From the ask on: the first trial of a worker imports torch, Lightning and timm before it trains.
+            with Heartbeat(trial, t.heartbeat_s):
+                records.append(run_trial(asking, trial, keep, study_dir, cfg.callbacks.monitor, cfg.callbacks.mode))
             continue
         if not count.running:
             return records
