@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -223,12 +224,158 @@ def test_interrupted_optuna_study_continues_to_n_trials(tmp_path, tiny_imagefold
 
     out = transfer(*args, cwd=tmp_path)  # the same command again
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "1 of 3 trials done, 1 interrupted (queued again); running 2 more" in " ".join(out.stdout.split())
+    assert "1 of 3 trials done, 1 interrupted (queued again); 2 left to run" in " ".join(out.stdout.split())
     trials = optuna_trials(study_dir / "optuna.db")
     assert states(trials) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # the killed one failed, then re-run
-    assert trials[2].user_attrs["rerun_of"] == 1 and trials[2].params == trials[1].params  # re-run first
+    assert trials[2].system_attrs["failed_trial"] == 1 and trials[2].params == trials[1].params  # re-run first
     rows = summary_rows(study_dir)
     assert sorted(r["status"] for r in rows) == ["interrupted", "ok", "ok", "ok"]
     assert all("optimizer.lr=" in r["overrides"] for r in rows)
     again = transfer(*args, cwd=tmp_path)  # nothing left to run
-    assert again.returncode == 0 and "3 of 3 trials done; running 0 more" in " ".join(again.stdout.split())
+    assert again.returncode == 0 and "3 of 3 trials done; 0 left to run" in " ".join(again.stdout.split())
+
+
+# Several workers on one study (sweeps/liveness.py, study_storage.py, workers.py)
+
+STORAGES = {"sqlite": None, "journal": "journal"}  # tune.storage: unset (SQLite in tune.dir) or a journal file
+
+
+def open_tune_study(study_dir, storage, name="default"):
+    import optuna
+
+    from transfer_cli.sweeps.study_storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(storage, study_dir))
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_only_trials_of_dead_workers_are_failed_and_queued_again(tmp_path, storage):
+    optuna = pytest.importorskip("optuna", minversion="4")
+    from transfer_cli.sweeps.liveness import HEARTBEAT, WORKER, fail_dead_trials, tally
+    from transfer_cli.sweeps.study_storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(STORAGES[storage], tmp_path), study_name="default")
+    lr = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    here, now = socket.gethostname(), time.time()
+    workers = {  # lr -> (worker, last heartbeat)
+        1e-4: ({"host": "elsewhere", "pid": 1}, now),  # live on another host: only its heartbeat tells
+        2e-4: ({"host": "elsewhere", "pid": 1}, now - 600),  # no heartbeat for 10 minutes: dead
+        3e-4: ({"host": here, "pid": dead_pid()}, now),  # this host, its process is gone: dead at once
+        4e-4: ({"host": here, "pid": os.getpid()}, now),  # this process: alive
+    }
+    for value, (worker, beat) in workers.items():
+        study.enqueue_trial({"lr": value})
+        trial = study.ask(lr)
+        trial.set_user_attr(WORKER, worker)
+        trial.set_user_attr(HEARTBEAT, beat)
+
+    assert fail_dead_trials(study, grace_s=120) == [1, 2]
+    assert fail_dead_trials(study, grace_s=120) == []  # judged once: never queued twice
+    trials = study.get_trials()
+    assert states(trials) == ["RUNNING", "FAIL", "FAIL", "RUNNING", "WAITING", "WAITING"]
+    assert [(t.params, t.system_attrs["failed_trial"]) for t in trials[4:]] == [({"lr": 2e-4}, 1), ({"lr": 3e-4}, 2)]
+    count = tally(study)
+    assert (count.done, count.running, count.waiting) == (0, 2, 2)  # the failed two are not counted: they re-run
+    assert count.wants_trial(n_trials=4)  # a queued re-run always runs, even with the budget taken
+    rerun = study.ask(lr)
+    assert rerun.number == 4 and rerun.params == {"lr": 2e-4}
+
+
+def test_tune_worker_settings_are_checked(tmp_path):
+    from transfer_cli.config.compose import as_schema, compose
+    from transfer_cli.sweeps.tune import tune
+    from transfer_cli.sweeps.workers import worker_devices
+
+    with pytest.raises(TransferError, match="tune.grace_s=20 is not longer than tune.heartbeat_s=30"):
+        as_schema(compose(["hparams_search=optuna", "tune.grace_s=20"]))
+    with pytest.raises(TransferError, match="neither an Optuna RDB URL nor a journal file") as err:
+        as_schema(compose(["hparams_search=optuna", "tune.storage=study.db"]))
+    assert "tune.storage=journal" in err.value.fix
+    with pytest.raises(TransferError, match="tune.workers=0 is out of range"):
+        as_schema(compose(["hparams_search=optuna", "tune.workers=0"]))
+    with pytest.raises(TransferError, match="starts its workers itself") as err:
+        tune(["-m", "hydra/launcher=slurm"])
+    assert "tune.workers=N" in err.value.fix and "job array" in err.value.fix
+    assert worker_devices("gpu", 3, ["0", "1"]) == ["0", "1", "0"]  # one GPU each, shared round robin past 2
+    assert worker_devices("auto", 2, ["GPU-a1"]) == ["GPU-a1", "GPU-a1"]
+    assert worker_devices("cpu", 2, ["0", "1"]) == [None, None] == worker_devices("auto", 2, [])
+
+
+def completed(trials):
+    return [t for t in trials if t.state.name == "COMPLETE"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", STORAGES)
+def test_workers_share_one_study_up_to_n_trials(tmp_path, tiny_imagefolder, storage):
+    pytest.importorskip("optuna", minversion="4")
+    study_dir = tmp_path / "study"
+    extra = [f"tune.storage={STORAGES[storage]}"] if STORAGES[storage] else []
+    # A heartbeat every second, dead after 10 s without one: the trials (several seconds each) stay alive only
+    # if the heartbeats of both workers get through while they train.
+    out = transfer("tune", *tune_args(tiny_imagefolder, study_dir, "tune.n_trials=4", "tune.pruner=none",
+                                      "tune.workers=2", "tune.heartbeat_s=1", "tune.grace_s=10", *extra), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "2 workers on CPU" in out.stdout and "worker 0 (PID" in out.stdout and "worker 1 (PID" in out.stdout
+    trials = open_tune_study(study_dir, STORAGES[storage]).trials
+    assert states(trials) == ["COMPLETE"] * 4  # the budget counts the whole study: no worker asked a fifth
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == 4  # each worker's sampler is seeded by the trial's number: no draw twice
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers trained
+    beats = [t.user_attrs["heartbeat"] - t.datetime_start.timestamp() for t in trials]
+    assert all(beat >= 1 for beat in beats), beats  # recorded while training, not only when the trial began
+    rows = summary_rows(study_dir)
+    assert sorted(r["job"] for r in rows) == ["0", "1", "2", "3"] and {r["status"] for r in rows} == {"ok"}
+    for i in range(2):
+        assert "0 of 4 trials done" in (study_dir / "workers" / f"{i}.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", STORAGES)
+def test_a_trial_of_a_killed_worker_is_rerun_once_by_another(tmp_path, tiny_imagefolder, storage):
+    pytest.importorskip("optuna", minversion="4")
+    study_dir = tmp_path / "study"
+    extra = [f"tune.storage={STORAGES[storage]}"] if STORAGES[storage] else []
+    args = ["tune", *tune_args(tiny_imagefolder, study_dir, "tune.n_trials=3", "tune.pruner=none", *extra)]
+    # Two workers joining one study, as two SLURM array tasks would: two plain `transfer tune` commands.
+    workers = [subprocess.Popen([sys.executable, "-m", "transfer_cli", *args], cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    try:
+        victim, deadline = None, time.time() + 300
+        while victim is None and time.time() < deadline:  # a trial that has begun to train: its job.json is there
+            time.sleep(0.5)
+            if not list(study_dir.glob("*/job.json")):  # before one: the study (or its tables) may not exist yet
+                continue
+            for trial in open_tune_study(study_dir, STORAGES[storage]).trials:
+                if trial.state.name == "RUNNING" and (study_dir / str(trial.number) / "job.json").is_file():
+                    victim = trial
+                    break
+        assert victim is not None, "no trial started"
+        killed = next(w for w in workers if w.pid == victim.user_attrs["worker"]["pid"])
+        os.killpg(killed.pid, signal.SIGKILL)  # mid-trial, no clean-up
+        killed.wait()  # reaped, as a shell would: a zombie's PID still looks alive
+        started = time.time()
+        survivor = next(w for w in workers if w is not killed)
+        output, _ = survivor.communicate(timeout=400)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
+                w.wait()
+    assert survivor.returncode == 0, output[-3000:]
+    assert time.time() - started < 120  # a dead PID on this host is dead at once: no wait for tune.grace_s
+    trials = open_tune_study(study_dir, STORAGES[storage]).trials
+    assert sorted(states(trials)) == ["COMPLETE"] * 3 + ["FAIL"]  # exactly n_trials complete, the killed one failed
+    assert trials[victim.number].state.name == "FAIL"
+    reruns = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE" and reruns[0].params == victim.params
+    assert reruns[0].user_attrs["worker"]["pid"] == survivor.pid  # the survivor re-ran it, not a later command
+    assert len({tuple(sorted(t.params.items())) for t in completed(trials)}) == 3  # no params trained twice
+    rows = {r["job"]: r["status"] for r in summary_rows(study_dir)}
+    assert rows.pop(str(victim.number)) == "interrupted" and set(rows.values()) == {"ok"} and len(rows) == 3

@@ -100,7 +100,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) 
     """Train the run `cfg` describes (a composed config, or a TrainConfig resolve_run made); returns its summary.
     `callbacks`: more Lightning callbacks for this fit (transfer tune's pruning)."""
     started = time.time()
-    typed = cfg if isinstance(cfg, TrainConfig) else resolve_run(cfg)  # resolved once, at the entry
+    typed = resolve_run(cfg)  # at the entry; a resolved config passes through unchanged
     if not typed.paths.output_dir:
         raise TransferError("the run has no run dir (paths.output_dir is not set)",
                             "run it with `transfer train ...`, or set paths.output_dir=<folder>")

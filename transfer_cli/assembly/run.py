@@ -78,8 +78,8 @@ def build_data(cfg: TrainConfig | DictConfig, run_dir: Path) -> tuple[DataSplits
 
 
 def _resolved(cfg: TrainConfig | DictConfig, run_dir: Optional[Path]) -> TrainConfig:
-    """A resolved config passes through; a composed one (scripts, tests) is resolved here, once."""
-    return cfg if isinstance(cfg, TrainConfig) else resolve_run(cfg, run_dir)
+    """A resolved config passes through unchanged; a composed one (scripts, tests) is resolved here, once."""
+    return resolve_run(cfg, run_dir)
 
 
 def build_run(cfg: TrainConfig | DictConfig, run_dir: Path) -> RunParts:

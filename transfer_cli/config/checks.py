@@ -185,6 +185,18 @@ def check_values(cfg: Any) -> None:
                             "decision threshold of a two-class task, but task=multilabel",
                             "multilabel_threshold=<value> sets the labels' threshold; "
                             "calibration.threshold_criterion=none")
+    # transfer tune's workers
+    tu = cfg.tune
+    _number("tune.workers", tu.workers, 1, example=2)
+    _number("tune.heartbeat_s", tu.heartbeat_s, 1, example=30)
+    if tu.grace_s <= tu.heartbeat_s:
+        _fail("tune.grace_s", tu.grace_s, f"is not longer than tune.heartbeat_s={tu.heartbeat_s}: a live worker's "
+              "trial would be taken for dead between two heartbeats", f"e.g. tune.grace_s={4 * tu.heartbeat_s}")
+    if tu.storage is not None and "://" not in tu.storage and not (tu.storage == "journal"
+                                                                     or tu.storage.startswith("journal:")):
+        _fail("tune.storage", tu.storage, "is neither an Optuna RDB URL nor a journal file",
+              "tune.storage=journal (a journal file in tune.dir), tune.storage=journal:<file>, or a URL such as "
+              "sqlite:///study.db or postgresql://user@host/db")
 
 
 __all__ = ["check_values", "check_warmup", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]

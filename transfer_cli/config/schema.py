@@ -230,6 +230,10 @@ class TuneConfig:
     study_name: Optional[str] = None  # None: the run's name
     dir: Optional[str] = None  # the study's folder (trials, optuna.db, summary); None: multirun/<name>/optuna_<study>
     storage: Optional[str] = None  # an Optuna storage URL; None: sqlite:///<dir>/optuna.db
+    # journal | journal:<file>: Optuna's journal file (<dir>/optuna.journal), for workers on a shared file system
+    workers: int = 1  # local worker processes on the study (one GPU each where there are GPUs); 1: this process
+    heartbeat_s: int = 30  # a running trial records that its worker lives this often
+    grace_s: int = 120  # a running trial with no heartbeat for this long is failed and its parameters run again
 
 
 @dataclass(frozen=True)
