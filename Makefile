@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-dev train test test-fast clean
+.PHONY: install install-dev lint train test test-fast clean
 
 install:
 	$(PIP) install -e ".[demo]"
@@ -15,7 +15,11 @@ install-dev:
 train: install
 	$(PYTHON) -m transfer_cli train
 
-test: install-dev
+lint:
+	$(PYTHON) -m ruff check transfer_cli tests scripts
+	$(PYTHON) -m mypy
+
+test: install-dev lint
 	$(PYTHON) -m pytest -q
 
 test-fast: install-dev
