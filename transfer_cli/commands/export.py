@@ -149,8 +149,6 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
         raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
     if format == "onnx":
         onnx_model.require_onnxruntime("onnx", "onnxscript")  # before torch and the checkpoint load
-    import torch
-
     from transfer_cli.commands.restore import restore
     from transfer_cli.resume.checkpoints import resolve_checkpoint, run_dir_of
 
@@ -167,7 +165,14 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     # Before any work: never over the checkpoint or a file that is not an earlier export (which has its sidecar).
     path = output_file(output or default, DEFAULT_NAMES[format], inputs=[source],
                        ours=lambda p: p.with_name(p.name + ".json").is_file())
-    restored = restore(source)
+    return export_restored(restore(source), format, path, rtol, atol)
+
+
+def export_restored(restored: Any, format: str, path: Path, rtol: float = RTOL, atol: float = ATOL) -> ExportResult:
+    """Write `restored`'s network (commands/restore.py) to `path` as onnx or torchscript, checked against PyTorch;
+    `path` was already vetted (export does it before restoring)."""
+    import torch
+
     model = restored.model.float().eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = export_metadata(restored)
@@ -210,4 +215,4 @@ def export_command(args: list[str]) -> None:
     print(f"checked {result.agreement.line()}")
 
 
-__all__ = ["export", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]
+__all__ = ["export", "export_restored", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]
