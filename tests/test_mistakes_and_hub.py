@@ -17,6 +17,7 @@ import torch
 from conftest import _make_image_folder, tiny_cfg, write_class_images
 from PIL import Image
 
+from transfer_cli.commands.check_inputs import CHECK_BATCHES
 from transfer_cli.commands.evaluate import evaluate
 from transfer_cli.commands.restore import Restored, restore
 from transfer_cli.config.compose import as_schema, compose
@@ -151,6 +152,7 @@ def test_export_timm_folder_loads_with_timm_and_gives_the_checkpoints_logits(tin
 
     summary, run_dir, root = tiny_run
     result = export(run_dir, "timm", tmp_path / "hub")
+    assert result.agreement.close and result.agreement.top1_same == result.agreement.samples == sum(CHECK_BATCHES)
     assert sorted(p.name for p in result.path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     model = timm.create_model(f"local-dir:{result.path}", pretrained=True).eval()
     restored = restore(run_dir)
@@ -195,11 +197,12 @@ def test_export_timm_keeps_timm_kwargs_of_a_vit(tmp_path):
 
     restored = unsaved_checkpoint(tmp_path, "data.image_size=32", "+model.timm_kwargs.img_size=32",
                                   backbone="test_vit")
-    folder, diff = export_timm(restored, tmp_path / "vit")
+    folder, agreement = export_timm(restored, tmp_path / "vit")
+    assert agreement.close and agreement.top1_same == agreement.samples == sum(CHECK_BATCHES)
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     inputs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert diff <= 1e-4 and (model(inputs) - restored.model(inputs)).abs().max() <= 1e-4
+        assert (model(inputs) - restored.model(inputs)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("overrides,why", [(["model.head_hidden_dim=8"], "hidden layer"),

@@ -122,10 +122,11 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
              "[top_losses=16] [cam=0] [data.*=...] [eval.tta=...]", _eval),
     "explain": ("Grad-CAM overlays: where the network looks ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=DIR] "
                 "[target=<class>] [layer=<module>]", _explain),
-    "predict": ("predict images with a checkpoint: one CSV row per image ckpt=<run dir|.ckpt> "
+    "predict": ("predict images with a checkpoint or an exported ONNX file: one CSV row per image "
+                "ckpt=<run dir|.ckpt|model.onnx|export dir> "
                 "input=<image|dir|csv> [output=predictions.csv] [topk=3]", _predict),
     "export": ("export a checkpoint with its preprocessing and class names, checked against PyTorch "
-               "ckpt=<run dir|.ckpt> format=onnx|torchscript|timm [output=FILE] [atol=1e-4]", _export),
+               "ckpt=<run dir|.ckpt> format=onnx|torchscript|timm [output=FILE] [rtol=...] [atol=...]", _export),
     "push": ("export format=timm and upload it to the Hugging Face Hub ckpt=<run dir|.ckpt> repo=<user>/<name> "
              "[private=false] [license=...]", _push),
 }

@@ -1,9 +1,10 @@
-"""`transfer export ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [atol=1e-4]`.
+"""`transfer export ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [rtol=..] [atol=..]`.
 
 Writes the trained network (input: normalized NCHW float32 images, any batch size; output: logits) with the
 preprocessing a caller must apply and the class names: inside the file (ONNX metadata_props; TorchScript
 extra file `transfer.json`) and in a sidecar `<output>.json`. Then runs the exported file (onnxruntime;
-torch.jit.load) and PyTorch on the same sample batches and fails if any output differs by more than `atol`.
+torch.jit.load) and PyTorch on the same sample batches and fails unless every logit is within
+atol + rtol * |logit| of PyTorch's (numpy.allclose; commands/check_inputs.py says why not atol alone).
 
 ONNX goes through torch.onnx.export's default exporter (torch.export based, needs onnxscript); a network it
 cannot capture falls back to the TorchScript-based exporter, with a warning. Either way the check decides.
@@ -20,8 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.atomic import TEMP_SUFFIX, atomic_write_json
-from transfer_cli.commands.check_inputs import CHECK_BATCHES, sample_inputs
-from transfer_cli.config.args import POSITIVE_FLOAT, Option, parse_command_args
+from transfer_cli.commands import onnx_model
+from transfer_cli.commands.check_inputs import (
+    ATOL,
+    CHECK_BATCHES,
+    RTOL,
+    TOLERANCE_OPTIONS,
+    Agreement,
+    compare,
+    sample_inputs,
+)
+from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir, output_file
 
@@ -30,16 +40,16 @@ log = logging.getLogger("transfer_cli")
 FORMATS = ("onnx", "torchscript", "timm")  # timm: a folder timm.create_model("local-dir:...") loads (commands/hub.py)
 DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 METADATA_FILE = "transfer.json"  # the TorchScript extra file; the ONNX metadata_props key is "transfer"
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME = onnx_model.INPUT_NAME, onnx_model.OUTPUT_NAME
 OPTIONS = {
     "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
     "format": Option(str, "onnx", help="onnx, torchscript or timm", choices=FORMATS),
     "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx; a folder: "
                      "<folder>/model.onnx; timm: a folder, default <run dir>/export/timm)", example="model.onnx"),
-    "atol": Option(POSITIVE_FLOAT, 1e-4, help="a positive tolerance on the largest absolute logit difference"),
+    **TOLERANCE_OPTIONS,
     "license": Option(str, None, help="format=timm: the model card's licence (default: the data's, if known)"),
 }
-EXPORT_EXTRA = 'pip install "transfer-cli[export]"  (or: pip install onnx onnxscript onnxruntime)'
+EXPORT_EXTRA = onnx_model.EXPORT_EXTRA
 
 
 @dataclass
@@ -47,8 +57,12 @@ class ExportResult:
     path: Path
     sidecar: Path
     format: str
-    max_abs_diff: float
+    agreement: Agreement  # the exported file's outputs against PyTorch's on the check batches
     metadata: dict
+
+    @property
+    def max_abs_diff(self) -> float:
+        return self.agreement.max_abs_diff
 
 
 def export_metadata(restored: Any) -> dict:
@@ -83,23 +97,16 @@ def _calibration(restored: Any) -> dict | None:
     block = stored_calibration(restored)
     if block is None:
         return None
-    return {k: block.get(k) for k in ("temperature", "threshold", "positive_class", "criterion", "target_recall")}
-
-
-def _require(*modules: str) -> None:
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise TransferError(f"format=onnx needs {', '.join(missing)}, which is not installed", EXPORT_EXTRA)
+    keys = ("temperature", "threshold", "positive_class", "positive_index", "criterion", "target_recall", "images")
+    return {k: block.get(k) for k in keys}
 
 
 def export_onnx(model: Any, example: Any, path: Path, metadata: dict) -> str:
     """Writes `path`; returns which exporter made it."""
     import torch
 
-    _require("onnx", "onnxscript", "onnxruntime")
-    props = {"transfer": json.dumps(metadata), "class_names": json.dumps(metadata["class_names"]),
+    onnx_model.require_onnxruntime("onnx", "onnxscript")
+    props = {onnx_model.METADATA_KEY: json.dumps(metadata), "class_names": json.dumps(metadata["class_names"]),
              **{k: json.dumps(metadata[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "task")}}
     # One file unless the weights are past protobuf's 2 GB limit (then ONNX needs an external data file).
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
@@ -127,15 +134,6 @@ def export_onnx(model: Any, example: Any, path: Path, metadata: dict) -> str:
     return "torchscript-based"
 
 
-def run_onnx(path: Path, inputs: Any) -> tuple[Any, dict]:
-    """(outputs, the file's metadata) from onnxruntime on the CPU."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0]
-    return outputs, json.loads(session.get_modelmeta().custom_metadata_map["transfer"])
-
-
 def export_torchscript(model: Any, example: Any, path: Path, metadata: dict) -> str:
     import torch
 
@@ -158,77 +156,76 @@ def run_torchscript(path: Path, inputs: Any) -> tuple[Any, dict]:
     return outputs, json.loads(extra[METADATA_FILE])
 
 
-def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, atol: float = 1e-4,
-           licence: str | None = None) -> ExportResult:
-    import numpy as np
-    import torch
-
+def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, rtol: float = RTOL,
+           atol: float = ATOL, licence: str | None = None) -> ExportResult:
+    if format not in FORMATS:
+        raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
+    if format == "onnx":
+        onnx_model.require_onnxruntime("onnx", "onnxscript")  # before torch and the checkpoint load
     from transfer_cli.commands.restore import restore
     from transfer_cli.resume.checkpoints import resolve_checkpoint, run_dir_of
 
-    if format not in FORMATS:
-        raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
     source = resolve_checkpoint(ckpt)
     if format == "timm":
         from transfer_cli.commands.hub import export_timm
 
         folder = output_dir(output) if output else None  # refused before any work: a file, a run's dir
         restored = restore(source)
-        folder, diff = export_timm(restored, folder, licence, atol=atol)
+        folder, agreement = export_timm(restored, folder, licence, rtol=rtol, atol=atol)
         metadata = {**export_metadata(restored), "exporter": "timm save_for_hf"}
-        return ExportResult(folder, folder / "config.json", format, diff, metadata)
+        return ExportResult(folder, folder / "config.json", format, agreement, metadata)
     default = run_dir_of(source) / "export" / DEFAULT_NAMES[format]
     # Before any work: never over the checkpoint or a file that is not an earlier export (which has its sidecar).
     path = output_file(output or default, DEFAULT_NAMES[format], inputs=[source],
                        ours=lambda p: p.with_name(p.name + ".json").is_file())
-    restored = restore(source)
+    return export_restored(restore(source), format, path, rtol, atol)
+
+
+def export_restored(restored: Any, format: str, path: Path, rtol: float = RTOL, atol: float = ATOL) -> ExportResult:
+    """Write `restored`'s network (commands/restore.py) to `path` as onnx or torchscript, checked against PyTorch;
+    `path` was already vetted (export does it before restoring)."""
+    import torch
+
     model = restored.model.float().eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = export_metadata(restored)
-    write, run = (export_onnx, run_onnx) if format == "onnx" else (export_torchscript, run_torchscript)
+    write, run = (export_onnx, onnx_model.run) if format == "onnx" else (export_torchscript, run_torchscript)
     # Written under a temporary name and checked there; only a file that passed takes the name (atomically), so
     # an earlier export stays whole until its replacement is known to be right.
     draft = path.with_name(f".{path.stem}{TEMP_SUFFIX}{path.suffix}")
     try:
         metadata["exporter"] = write(model, sample_inputs(metadata, 2, seed=0), draft, metadata)
-        diff = 0.0
+        pairs = []
         for seed, batch in enumerate(CHECK_BATCHES, start=1):
             inputs = sample_inputs(metadata, batch, seed)
             with torch.inference_mode():
                 expected = model(inputs).numpy()
             got, embedded = run(draft, inputs)
-            if got.shape != expected.shape:
-                diff = float("inf")
-                break
-            diff = max(diff, float(np.abs(got - expected).max()))
-            if embedded["class_names"] != metadata["class_names"]:
+            pairs.append((expected, got))
+            if embedded.get("class_names") != metadata["class_names"]:
                 raise TransferError(f"{path} lost its metadata", "report this as a bug")
-        if not diff <= atol:
-            raise TransferError(
-                f"the exported {format} model differs from PyTorch by up to {diff:.3g} (> atol={atol:g}); "
-                "nothing was written",
-                "try the other format (format=torchscript / format=onnx), or accept the difference with e.g. atol=1e-3",
-            )
+        agreement = compare(pairs, rtol, atol)
+        agreement.require(f"the exported {format} model", "try the other format (format=torchscript / format=onnx), "
+                          f"or accept a larger difference with e.g. rtol={10 * rtol:g}")
         os.replace(draft, path)
     finally:
         draft.unlink(missing_ok=True)
     sidecar = atomic_write_json(path.with_name(path.name + ".json"), metadata)
-    return ExportResult(path, sidecar, format, diff, metadata)
+    return ExportResult(path, sidecar, format, agreement, metadata)
 
 
 def export_command(args: list[str]) -> None:
     options, _ = parse_command_args("export", args, OPTIONS)
-    result = export(options["ckpt"], options["format"], options["output"], options["atol"], options["license"])
+    result = export(options["ckpt"], options["format"], options["output"], options["rtol"], options["atol"],
+                    options["license"])
     if result.format == "timm":
         print(f"wrote {result.path}: model.safetensors, config.json (label names, preprocessing), README.md; load it "
               f'with timm.create_model("local-dir:{result.path}", pretrained=True)')
-        print(f"max abs logit diff of timm's load vs the checkpoint on batches of {', '.join(map(str, CHECK_BATCHES))}:"
-              f" {result.max_abs_diff:.3g} (atol {options['atol']:g})")
+        print(f"timm's load {result.agreement.line('the checkpoint')}")
         return
     print(f"wrote {result.path} ({result.format}, {result.metadata['exporter']}; preprocessing and "
           f"{len(result.metadata['class_names'])} class names inside and in {result.sidecar.name})")
-    print(f"max abs diff vs PyTorch on batches of {', '.join(map(str, CHECK_BATCHES))}: {result.max_abs_diff:.3g} "
-          f"(atol {options['atol']:g})")
+    print(f"checked {result.agreement.line()}")
 
 
-__all__ = ["export", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]
+__all__ = ["export", "export_restored", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]

@@ -22,6 +22,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from transfer_cli.atomic import atomic_write_text
+from transfer_cli.commands.check_inputs import (
+    ATOL,
+    CHECK_BATCHES,
+    RTOL,
+    Agreement,
+    compare,
+    sample_inputs,
+)
 from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.errors import TransferError
 
@@ -152,26 +160,23 @@ def _save(model: Any, folder: Path, names: list[str], data_config: dict, model_a
     save_for_hf(model, str(folder), **kwargs)
 
 
-def _check(folder: Path, reference: Any, names: list[str], data_config: dict, atol: float) -> float:
-    """Load the folder as a user would and compare its logits with the checkpoint's network; the largest diff."""
+def _check(folder: Path, reference: Any, names: list[str], data_config: dict, rtol: float, atol: float) -> Agreement:
+    """Load the folder as a user would and compare its logits with the checkpoint's network."""
     import timm
     import torch
-
-    from transfer_cli.commands.check_inputs import CHECK_BATCHES, sample_inputs
 
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     if list(loaded.pretrained_cfg.get("label_names") or []) != list(names):
         raise TransferError(f"{folder} lost its label names", "report this as a bug")
-    diff = 0.0
+    pairs = []
     meta = {"input_size": data_config["input_size"], "mean": data_config["mean"], "std": data_config["std"]}
     for seed, batch in enumerate(CHECK_BATCHES, start=1):
         inputs = sample_inputs(meta, batch, seed)
         with torch.inference_mode():
-            diff = max(diff, float((loaded(inputs) - reference(inputs)).abs().max()))
-    if not diff <= atol:
-        raise TransferError(f"timm's load of the exported folder differs from the checkpoint by up to {diff:.3g} "
-                            f"(> atol={atol:g}); nothing was written", OTHER_FORMATS)
-    return diff
+            pairs.append((reference(inputs).numpy(), loaded(inputs).numpy()))
+    agreement = compare(pairs, rtol, atol)
+    agreement.require("timm's load of the exported folder", OTHER_FORMATS)
+    return agreement
 
 
 def _place(built: Path, output: Path) -> None:
@@ -190,8 +195,9 @@ def _place(built: Path, output: Path) -> None:
 
 
 def export_timm(restored: Any, output: Optional[Path] = None, licence: Optional[str] = None,
-                repo: Optional[str] = None, atol: float = 1e-4) -> tuple[Path, float]:
-    """The timm folder of the checkpoint `restored` (commands/restore.py); (its path, the checked logit diff)."""
+                repo: Optional[str] = None, rtol: float = RTOL, atol: float = ATOL) -> tuple[Path, Agreement]:
+    """The timm folder of the checkpoint `restored` (commands/restore.py); (its path, its logits' agreement with
+    the checkpoint's)."""
     model = timm_model(restored)
     output = (output or restored.run_dir / "export" / TIMM_DIR).expanduser().resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -202,11 +208,12 @@ def export_timm(restored: Any, output: Optional[Path] = None, licence: Optional[
         name = repo or f"{restored.cfg.name}-{restored.cfg.model.backbone}"
         load_as = f"hf-hub:{repo}" if repo else f"local-dir:{output}"
         atomic_write_text(built / "README.md", model_card(restored, name, licence, load_as))
-        diff = _check(built, restored.model.float().eval(), restored.class_names, restored.data_config, atol)
+        agreement = _check(built, restored.model.float().eval(), restored.class_names, restored.data_config, rtol,
+                           atol)
         _place(built, output)
     finally:
         shutil.rmtree(built, ignore_errors=True)  # gone already when placed
-    return output, diff
+    return output, agreement
 
 
 def push(folder: Path, repo: str, private: bool = False) -> str:
@@ -214,7 +221,9 @@ def push(folder: Path, repo: str, private: bool = False) -> str:
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    from transfer_cli.models.backbone import hub_reachable  # the quick TCP probe weights downloads use too
+    from transfer_cli.models.backbone import (
+        hub_reachable,  # the quick TCP probe weights downloads use too
+    )
 
     later = f"when online: transfer push again, or upload the folder yourself: hf upload {repo} {folder}"
     if constants.HF_HUB_OFFLINE:
@@ -254,8 +263,8 @@ def push_command(args: list[str]) -> None:
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise TransferError(f"repo={repo} is not <user or org>/<name>", "e.g. repo=alice/elpv-efficientnet")
     output = Path(options["output"]) if options["output"] else None
-    folder, diff = export_timm(restore(options["ckpt"]), output, options["license"], repo=repo)
-    print(f"exported {folder} (timm loads it; max abs logit diff {diff:.3g})")
+    folder, agreement = export_timm(restore(options["ckpt"]), output, options["license"], repo=repo)
+    print(f"exported {folder}; timm's load {agreement.line('the checkpoint')}")
     print(f"pushed: {push(folder, repo, options['private'])}")
 
 

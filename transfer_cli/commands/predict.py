@@ -1,8 +1,12 @@
-"""`transfer predict ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=predictions.csv] [topk=3]`.
+"""`transfer predict ckpt=<run dir|.ckpt|.onnx|export dir> input=<image|dir|csv> [output=predictions.csv] [topk=3]`.
 
 One CSV row per input image: path, label, probability, the top-k labels with their probabilities, and `error`,
 which is empty unless the image could not be read (such images get a row, a warning lists them, and the
 others are still predicted). Preprocessing and eval.tta are the checkpoint's, as in `transfer eval`.
+
+An ONNX file of `transfer export` (or the folder holding its model.onnx) runs on onnxruntime instead of PyTorch,
+with the preprocessing and class names exported with it, through the same reader, loop and CSV; it is the plain
+network, so eval.tta does not apply (commands/onnx_model.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from transfer_cli.atomic import atomic_write_text
+from transfer_cli.commands.onnx_model import (
+    find_onnx,
+    read_sidecar,
+    require_onnxruntime,
+)
 from transfer_cli.config.args import BOOL, POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_file
@@ -24,7 +33,8 @@ log = logging.getLogger("transfer_cli")
 DEFAULT_NAME = "predictions.csv"
 
 OPTIONS = {
-    "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
+    "ckpt": Option(str, required=True, help="a run dir, a .ckpt file, an exported .onnx file or its folder",
+                   example="outputs/<name>/<date>_<time>"),
     "input": Option(str, required=True, help="an image, a folder of images, or a CSV with a path column",
                     example="images/"),
     "output": Option(str, "predictions.csv", help="the CSV to write (a folder: <folder>/predictions.csv)"),
@@ -35,6 +45,9 @@ OPTIONS = {
 OVERRIDES = ("eval.", "multilabel_threshold", "data.batch_size", "data.eval_batch_size", "data.num_workers",
              "data.image_size", "data.crop_pct", "data.interpolation", "data.mean", "data.std",
              "trainer.accelerator", "trainer.precision", "trainer.channels_last")
+# What applies to an exported ONNX file: how it is fed and where it runs; its preprocessing and precision are fixed.
+ONNX_OVERRIDES = ("multilabel_threshold", "data.batch_size", "data.eval_batch_size", "data.num_workers",
+                  "trainer.accelerator")
 
 
 @dataclass
@@ -75,14 +88,19 @@ def input_batches(restored: Any, paths: list[str]) -> tuple[Any, Any, Callable[[
     """(loader, unreadable, prepare) reading `paths` as the checkpoint's network sees them (its eval transform), for
     inference.infer: each sample's label is its position in `paths`, so the readable ones are found again after
     unreadable ones drop out, and `prepare` records those in `unreadable` (a BadImages with room for them all)."""
+    return image_batches(paths, restored.data_config, restored.cfg)
+
+
+def image_batches(paths: list[str], data_config: dict, cfg: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """input_batches with the preprocessing `data_config` (input_size, interpolation, crop_pct, mean, std) and the
+    loader settings of `cfg` (data.eval_batch_size / batch_size, data.num_workers, seed)."""
     from transfer_cli.data.datamodule import collate_drop_bad
     from transfer_cli.data.images import BadImages, ImageDataset
     from transfer_cli.data.loaders import make_loader, resolve_num_workers
     from transfer_cli.data.transforms import eval_transform
 
-    cfg = restored.cfg
-    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(restored.data_config))
-    shape = tuple(int(v) for v in restored.data_config["input_size"])
+    dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(data_config))
+    shape = tuple(int(v) for v in data_config["input_size"])
     loader = make_loader(dataset, int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
                          num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed,
                          collate_fn=partial(collate_drop_bad, image_shape=shape))
@@ -97,19 +115,21 @@ def input_batches(restored: Any, paths: list[str]) -> tuple[Any, Any, Callable[[
 
 def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predictions.csv", topk: int = 3,
             overrides: Sequence[str] = (), calibrated: bool = True) -> PredictResult:
-    """Predict every image of `source` with the checkpoint and write the CSV `output`; `calibrated`: with the
-    checkpoint's temperature and binary decision threshold where it holds them."""
-    from transfer_cli.commands.calibration_report import decision_rule, describe, stored_calibration
-    from transfer_cli.commands.restore import restore
-    from transfer_cli.inference import autocast_for, infer, pick_device, place_model
-    from transfer_cli.training.predictions import decode_predictions
-    from transfer_cli.training.tta import tta_forward
-
+    """Predict every image of `source` with the checkpoint (or exported ONNX file) and write the CSV `output`;
+    `calibrated`: with the temperature and binary decision threshold fitted on val, where the model holds them."""
+    onnx_path = find_onnx(ckpt)
+    if onnx_path is not None:
+        check_onnx_arguments(onnx_path, overrides)  # before torch loads
     paths = list_inputs(source)
     output = output_file(output, DEFAULT_NAME, inputs=[source, *paths], ours=_is_predictions)  # before any work
+    if onnx_path is not None:
+        return _predict_onnx(onnx_path, paths, output, topk, overrides, calibrated)
+    from transfer_cli.commands.restore import restore
+    from transfer_cli.inference import autocast_for, infer, pick_device, place_model
+    from transfer_cli.training.tta import tta_forward
+
     restored = restore(ckpt, overrides)
-    cfg, names, task = restored.cfg, restored.class_names, restored.task
-    k = min(int(topk), len(names))
+    cfg = restored.cfg
     loader, unreadable, prepare = input_batches(restored, paths)  # every unreadable input gets its row
     device = pick_device(cfg.trainer.accelerator)
     channels_last = bool(cfg.trainer.channels_last)
@@ -117,13 +137,71 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
     logits, positions = infer(tta_forward(model, cfg.eval.tta, cfg.eval.multicrop_fraction), loader,
                               device=device, autocast=autocast_for(device, cfg.trainer.precision),
                               channels_last=channels_last, prepare=prepare)
-    calibration = stored_calibration(restored, calibrated)
+    from transfer_cli.commands.calibration_report import stored_calibration
+
+    return _write_predictions(paths, logits, positions, unreadable.items, restored.class_names, restored.task,
+                              restored.threshold, topk, output, stored_calibration(restored, calibrated))
+
+
+def check_onnx_arguments(path: Path, overrides: Sequence[str]) -> None:
+    """Before torch: onnxruntime is there, the sidecar (if any) reads, and every override applies to an ONNX file."""
+    for override in overrides:
+        if _key(override) not in ONNX_OVERRIDES:
+            raise TransferError(f"{override} does not apply to an exported ONNX file ({path.name}): its preprocessing "
+                                "is the one exported with it, it runs in float32, without test-time augmentation",
+                                f"drop it, or predict with the checkpoint (ckpt=<run dir>); ONNX takes: "
+                                f"{', '.join(o + '=' for o in ONNX_OVERRIDES)}")
+    require_onnxruntime()
+    read_sidecar(path)
+
+
+def _predict_onnx(path: Path, paths: list[str], output: Path, topk: int, overrides: Sequence[str],
+                  calibrated: bool) -> PredictResult:
+    """predict on onnxruntime: the loader settings are the schema's defaults with `overrides` applied."""
+    import torch
+
+    from transfer_cli.commands.onnx_model import forward_of, load
+    from transfer_cli.commands.restore import apply_overrides
+    from transfer_cli.config.compose import as_schema
+    from transfer_cli.config.schema import structured_schema
+    from transfer_cli.inference import infer
+
+    cfg = as_schema(apply_overrides(structured_schema(), overrides))
+    session, metadata = load(path, cfg.trainer.accelerator)
+    given = {_key(o) for o in overrides}
+    threshold = cfg.multilabel_threshold if "multilabel_threshold" in given else metadata.get("multilabel_threshold",
+                                                                                              cfg.multilabel_threshold)
+    log.info("predicting with %s on onnxruntime (%s)", path, ", ".join(session.get_providers()))
+    loader, unreadable, prepare = image_batches(paths, metadata, cfg)
+    logits, positions = infer(forward_of(session), loader, device=torch.device("cpu"), prepare=prepare)
+    task = str(metadata.get("task") or "multiclass")
+    # the export's metadata carries the checkpoint's calibration: the network itself gives raw logits
+    calibration = metadata.get("calibration") if calibrated and task != "multilabel" else None
+    return _write_predictions(paths, logits, positions, unreadable.items, list(metadata["class_names"]), task,
+                              float(threshold), topk, output, calibration)
+
+
+def _key(override: str) -> str:
+    from transfer_cli.config.overrides import override_key
+
+    return override_key(override)
+
+
+def _write_predictions(paths: list[str], logits: Any, positions: Any, bad: list[tuple[str, str]], names: list[str],
+                       task: str, threshold: float, topk: int, output: Path,
+                       calibration: dict | None = None) -> PredictResult:
+    """The CSV of one row per path, in input order: the decoded logits at `positions` (divided by the calibration's
+    temperature, decided by its threshold), `bad` ones with their error."""
+    from transfer_cli.commands.calibration_report import decision_rule, describe
+    from transfer_cli.training.predictions import decode_predictions
+
     if task != "multilabel":
         log.info("predict: %s", describe(calibration))
     temperature = float(calibration["temperature"]) if calibration else 1.0
     rule = decision_rule(calibration)
+    k = min(int(topk), len(names))
     rows: list[dict | None] = [None] * len(paths)
-    predictions = decode_predictions((logits.double() / temperature).float(), names, task, restored.threshold,
+    predictions = decode_predictions((logits.double() / temperature).float(), names, task, threshold,
                                      binary_rule=rule) if len(positions) else []
     # Every row says how its probabilities and label came about, so a CSV read alone cannot be misread.
     how = {} if task == "multilabel" else {
@@ -131,7 +209,6 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
         "decision": "argmax" if rule is None else f"{names[rule[0]]} if p>={rule[1]:.6f}"}
     for index, pred in zip(positions.tolist(), predictions):
         rows[index] = {**_row(paths[index], pred, names, task, k), **how}
-    bad = unreadable.items
     position = {p: i for i, p in enumerate(paths)}
     for path, reason in bad:
         rows[position[path]] = {"path": path, "error": reason}
@@ -190,4 +267,5 @@ def predict_command(args: list[str]) -> None:
           + f": {result.output}")
 
 
-__all__ = ["predict", "predict_command", "list_inputs", "input_batches", "PredictResult", "OPTIONS", "OVERRIDES"]
+__all__ = ["predict", "predict_command", "list_inputs", "input_batches", "image_batches", "PredictResult", "OPTIONS",
+           "OVERRIDES", "ONNX_OVERRIDES"]
