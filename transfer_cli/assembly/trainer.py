@@ -13,6 +13,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import Logger
 
+from transfer_cli.assembly.extra import instantiate_extra
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.resume.checkpoint_io import AtomicCheckpointIO
@@ -61,7 +62,7 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, 
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
         # the resolved config to MLflow / W&B as params, and their run ids to trackers.json (for resume)
         callbacks.append(TrackerStart(run_dir, flatten(dataclasses.asdict(cfg))))
-    return callbacks
+    return callbacks + instantiate_extra(cfg.callbacks.extra, "callbacks.extra", Callback)
 
 
 def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
@@ -78,6 +79,7 @@ def build_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
                              run_name=cfg.logger.run_name or f"{cfg.name}/{run_dir.name}", tags=dict(cfg.logger.tags),
                              resume_step=resumed_step, saved=read_runs(run_dir) if resumed_step is not None else {})
     loggers += build_trackers(cfg.logger, context)
+    loggers += instantiate_extra(cfg.logger.extra, "logger.extra", Logger)
     return loggers
 
 

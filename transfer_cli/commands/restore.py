@@ -17,6 +17,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.config.compose import as_schema
+from transfer_cli.config.overrides import override_key, parse
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.models.classifier import Classifier
@@ -60,8 +61,6 @@ class Restored:
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """`key=value` and `group=option` overrides (Hydra's grammar) on a config restored from a checkpoint."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from transfer_cli.config.folders import config_dir, config_groups
     from transfer_cli.config.schema import TrainConfig, structured_schema
 
@@ -70,7 +69,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     except Exception:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg))
     groups = config_groups()
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    parsed = parse(list(overrides))
     for ov in sorted(parsed, key=lambda o: o.key_or_group not in groups):  # a group first, as Hydra does
         key = ov.key_or_group
         if ov.is_sweep_override():
@@ -93,7 +92,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 def _data_config(meta: dict, overrides: Sequence[str], cfg: TrainConfig) -> dict:
     data_config = dict(meta["data_config"])
-    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    given = {override_key(o) for o in overrides}
     if "data.image_size" in given and cfg.data.image_size is not None:
         channels = int(data_config["input_size"][0])
         data_config["input_size"] = [channels, int(cfg.data.image_size), int(cfg.data.image_size)]

@@ -90,6 +90,16 @@ def check_warmup(s: Any) -> None:
                             "scheduler.warmup_epochs=0 scheduler.warmup_steps=0, and set scheduler.pct_start")
 
 
+def _targets(key: str, nodes: Any) -> None:
+    """callbacks.extra / logger.extra: each node names its class, for Hydra's instantiate (assembly/extra.py)."""
+    for name, node in (nodes or {}).items():
+        if not isinstance(node, dict) or "_target_" not in node:
+            example = "pytorch_lightning.callbacks.Timer" if key.startswith("callbacks") else \
+                "pytorch_lightning.loggers.CSVLogger" + f" +{key}.{name}.save_dir=logs"
+            raise TransferError(f"{key}.{name} has no _target_: an extra Lightning object is named by its class",
+                                f"+{key}.{name}._target_=<module.Class>, e.g. +{key}.{name}._target_={example}")
+
+
 def check_values(cfg: Any) -> None:
     """Every range and cross-key rule of a TrainConfig (config/schema.py)."""
     d, m, t, a, o, s, tr, cb = (cfg.data, cfg.model, cfg.transfer, cfg.augmentation, cfg.optimizer, cfg.scheduler,
@@ -173,6 +183,8 @@ def check_values(cfg: Any) -> None:
     _number("callbacks.checkpoint_every_n_steps", cb.checkpoint_every_n_steps, 0, example=500)
     _number("callbacks.ema_decay", cb.ema_decay, 0, 1, low_open=True, high_open=True, example=0.999)
     check_warmup(s)
+    _targets("callbacks.extra", cb.extra)
+    _targets("logger.extra", cfg.logger.extra)
     _monitor("callbacks.monitor", cb.monitor, cfg.task)
     _monitor("scheduler.monitor", s.monitor, cfg.task)
     # the rest

@@ -194,6 +194,8 @@ class LoggerConfig:
     tracking_uri: Optional[str] = None
     log_model: bool = False  # also upload the checkpoint the test scored (else the last one) to mlflow / wandb
     tags: Dict[str, str] = field(default_factory=dict)  # extra run tags: +logger.tags.team=vision
+    # More Lightning loggers, each a _target_ node: +logger.extra.NAME._target_=module.Class (+ its arguments)
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,8 @@ class CallbacksConfig:
     ema_decay: float = 0.999
     checkpoint_every_n_steps: int = 0  # >0: also refresh last.ckpt every N optimizer steps (long epochs); 0: off
     test_ckpt: str = "best"  # the weights the end-of-run test scores: best (picked on val) | last (final epoch)
+    # More Lightning callbacks, each a _target_ node: +callbacks.extra.NAME._target_=module.Class (+ its arguments)
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
