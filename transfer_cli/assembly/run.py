@@ -69,7 +69,7 @@ def config_container(cfg: TrainConfig) -> dict:
 def build_data(cfg: TrainConfig | DictConfig, run_dir: Path) -> tuple[DataSplits, Classifier, ImageDataModule, dict]:
     """Discover the data, build the model, and the image datamodule with the model's preprocessing (no trainer:
     for previews)."""
-    cfg = _resolved(cfg, None)
+    cfg = resolve_run(cfg)  # a resolved config passes through unchanged; a composed one is resolved here
     splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)
     model, data_config = build_model(cfg, len(splits.class_names))
@@ -77,14 +77,9 @@ def build_data(cfg: TrainConfig | DictConfig, run_dir: Path) -> tuple[DataSplits
     return splits, model, images, run_meta(cfg, splits, data_config, model)
 
 
-def _resolved(cfg: TrainConfig | DictConfig, run_dir: Optional[Path]) -> TrainConfig:
-    """A resolved config passes through unchanged; a composed one (scripts, tests) is resolved here, once."""
-    return resolve_run(cfg, run_dir)
-
-
 def build_run(cfg: TrainConfig | DictConfig, run_dir: Path) -> RunParts:
     """`cfg`: the run's resolved config (config/resolve.py resolve_run), or a composed one to resolve."""
-    cfg = _resolved(cfg, run_dir)
+    cfg = resolve_run(cfg, run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)

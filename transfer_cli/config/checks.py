@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Optional
 
+from transfer_cli.config.schema import OWN_WARMUP_SCHEDULES
 from transfer_cli.errors import TransferError, close_matches
 from transfer_cli.precision import NAMES as PRECISIONS  # Lightning's names and aliases, and auto; torch-free
 
@@ -80,8 +81,6 @@ def lbfgs_blockers(cfg: Any, cached: bool = True) -> list[str]:
 
 def check_warmup(s: Any) -> None:
     """A scheduler record's warmup is one length, and none for a schedule whose rise is its warmup."""
-    from transfer_cli.config.schema import OWN_WARMUP_SCHEDULES
-
     if s.warmup_steps and s.warmup_epochs:
         raise TransferError("scheduler.warmup_steps and scheduler.warmup_epochs are both set",
                             "keep one: scheduler.warmup_epochs=0 or scheduler.warmup_steps=0")
