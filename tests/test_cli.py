@@ -46,6 +46,17 @@ def test_train_help_is_hydras():
     out = run("train", "--help")
     assert out.returncode == 0
     assert "== Config groups ==" in out.stdout and "transfer: feature_extract, fine_tune" in out.stdout
+    # The key reference comes from the schema's declarations: every key, with its range or names and its help.
+    from transfer_cli.config.keys import declared
+    from transfer_cli.config.schema import TrainConfig
+
+    section = out.stdout.split("== Keys ==")[1].split("== Config ==")[0]
+    lines = {line.split(":")[0].strip(): line for line in section.splitlines() if line.startswith("  ")}
+    for dotted, _, spec in declared(TrainConfig):
+        assert dotted in lines, dotted
+        line = lines[dotted]
+        assert spec.help in line and (str(spec.within) in line if spec.within else True), line
+        assert all(name in line for name in spec.choices) and ("(may change on resume)" in line) == spec.resume, line
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path):

@@ -219,3 +219,51 @@ def test_every_package_ships_in_the_wheel():
              else "transfer_cli" for p in package.rglob("__init__.py") if "configs" not in p.parts}
     listed = set(tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     assert found <= listed
+
+
+# Numeric keys with no range of their own: the seeds (any integer is hashed into the seed of each stream,
+# seeding.py), timm's out_indices (negative from the end), and the crop's [low, high] pairs (their own rule).
+UNRANGED = ("seed", "data.split_seed", "model.feature_stages", "augmentation.scale", "augmentation.ratio")
+
+
+def _declared():
+    from transfer_cli.config.keys import declared
+    from transfer_cli.config.schema import TrainConfig
+
+    return list(declared(TrainConfig))
+
+
+def test_every_number_declares_its_range():
+    """A numeric key added without a range would reach a library unchecked: the schema field must say it."""
+    unranged = [dotted for dotted, field, spec in _declared()
+                if spec.within is None and dotted not in UNRANGED
+                and any(t in str(field.type) for t in ("int", "float")) and "Dict" not in str(field.type)]
+    assert unranged == []
+
+
+def _outside(within):
+    if within.low is not None:
+        return within.low if within.low_open else within.low - 1
+    return within.high if within.high_open else within.high + 1
+
+
+@pytest.mark.parametrize("dotted", [d for d, _, spec in _declared() if spec.within is not None])
+def test_each_declared_range_refuses_a_value_outside_it_and_its_example_passes(dotted):
+    """The check walk reads each field's declaration: a value just outside the range is refused naming the key, and
+    the value the fix suggests passes every check."""
+    from transfer_cli.config.checks import check_values
+    from transfer_cli.config.keys import example_of
+    from transfer_cli.config.resolve import replace_at
+    from transfer_cli.config.schema import TrainConfig
+
+    field, spec = next((f, s) for d, f, s in _declared() if d == dotted)
+    listed = "List" in str(field.type)
+    # a config where the range applies: the optimizer takes a momentum, a run of whole epochs
+    base = replace_at(TrainConfig(), {"optimizer.name": "sgd"})
+    bad = _outside(spec.within)
+    with pytest.raises(TransferError) as refused:
+        check_values(replace_at(base, {dotted: [bad] if listed else bad}))
+    assert f"{dotted}{'[0]' if listed else ''}={bad} is out of range" in refused.value.message
+    example = example_of(field, spec)
+    assert f"{dotted}{'[0]' if listed else ''}={example}" in refused.value.fix
+    check_values(replace_at(base, {dotted: [example] if listed else example}))

@@ -17,6 +17,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.config.compose import as_schema
+from transfer_cli.config.keys import declared
 from transfer_cli.config.overrides import override_key, parse
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
@@ -33,8 +34,10 @@ from transfer_cli.resume.checkpoints import (
 log = logging.getLogger("transfer_cli")
 
 MODEL_PREFIX = "model."  # TransferModule keeps the Classifier as `self.model`
-# data.* keys that change the preprocessing; given on the command line they replace the checkpoint's values.
-PREPROCESSING_KEYS = ("image_size", "crop_pct", "interpolation", "mean", "std")
+# data.* keys that change the preprocessing (schema fields declared with role="preprocessing"); given on the
+# command line they replace the checkpoint's values.
+PREPROCESSING_KEYS = tuple(dotted.split(".", 1)[1] for dotted, _, spec in declared(TrainConfig)
+                           if spec.role == "preprocessing")
 
 
 @dataclass
@@ -93,13 +96,15 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 def _data_config(meta: dict, overrides: Sequence[str], cfg: TrainConfig) -> dict:
     data_config = dict(meta["data_config"])
     given = {override_key(o) for o in overrides}
-    if "data.image_size" in given and cfg.data.image_size is not None:
-        channels = int(data_config["input_size"][0])
-        data_config["input_size"] = [channels, int(cfg.data.image_size), int(cfg.data.image_size)]
-    for key in PREPROCESSING_KEYS[1:]:
-        if f"data.{key}" in given and getattr(cfg.data, key) is not None:
+    for key in PREPROCESSING_KEYS:
+        if f"data.{key}" not in given or getattr(cfg.data, key) is None:
+            continue
+        if key == "image_size":  # timm's data config holds it as the input shape
+            channels = int(data_config["input_size"][0])
+            data_config["input_size"] = [channels, int(cfg.data.image_size), int(cfg.data.image_size)]
+        else:
             value = getattr(cfg.data, key)
-            data_config[key] = list(value) if key in ("mean", "std") else value
+            data_config[key] = list(value) if isinstance(value, (list, tuple)) else value
     return data_config
 
 

@@ -7,40 +7,40 @@ all. Each rule names the key, the value and a value that works.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
-from transfer_cli.config.schema import OWN_WARMUP_SCHEDULES
+from transfer_cli.config.keys import Range, declared, example_of
+from transfer_cli.config.schema import OWN_WARMUP_SCHEDULES, TrainConfig
 from transfer_cli.errors import TransferError, close_matches
 from transfer_cli.precision import NAMES as PRECISIONS  # Lightning's names and aliases, and auto; torch-free
-
 
 
 def _fail(key: str, value: Any, why: str, fix: str) -> None:
     raise TransferError(f"{key}={value} {why}", fix)
 
 
-def _number(key: str, value: Any, low: Optional[float] = None, high: Optional[float] = None, *,
-            low_open: bool = False, high_open: bool = False, example: Any = None) -> None:
-    """low <= value <= high (or < where open); None bounds are unbounded."""
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and math.isfinite(float(value))
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
-        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
-        span = f"in {lo}, {hi}" if low is not None and high is not None else (
-            f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
-        _fail(key, value, f"is out of range: it must be {span}", f"e.g. {key}={example if example is not None else low}")
+def _in_range(key: str, value: Any, within: Range, example: Any) -> None:
+    if value is not None and not within.holds(value):
+        _fail(key, value, f"is out of range: it must be {within}", f"e.g. {key}={example}")
 
 
-def _each(key: str, values: Optional[Iterable[Any]], check: Callable[[str, Any], None]) -> None:
-    for i, value in enumerate(values or []):
-        check(f"{key}[{i}]", value)
+def _select(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every key's declared range (config/schema.py `key(within=...)`); a list's range holds for each element."""
+    for dotted, field, spec in declared(TrainConfig):
+        if spec.within is None or (spec.when is not None and not spec.when(cfg)):
+            continue
+        value, example = _select(cfg, dotted), example_of(field, spec)
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                _in_range(f"{dotted}[{i}]", item, spec.within, example)
+        else:
+            _in_range(dotted, value, spec.within, example)
 
 
 def logged_metrics(task: str) -> list[str]:
@@ -100,33 +100,14 @@ def _targets(key: str, nodes: Any) -> None:
 
 
 def check_values(cfg: Any) -> None:
-    """Every range and cross-key rule of a TrainConfig (config/schema.py)."""
-    d, m, t, a, o, s, tr, cb = (cfg.data, cfg.model, cfg.transfer, cfg.augmentation, cfg.optimizer, cfg.scheduler,
-                                cfg.trainer, cfg.callbacks)
-    # data
-    _number("data.val_fraction", d.val_fraction, 0, 1, high_open=True, example=0.2)
-    _number("data.test_fraction", d.test_fraction, 0, 1, high_open=True, example=0.1)
+    """Every key's range (declared on its schema field), then the rules that tie keys together."""
+    check_ranges(cfg)
+    d, m, t, a, s, tr, cb = (cfg.data, cfg.model, cfg.transfer, cfg.augmentation, cfg.scheduler, cfg.trainer,
+                             cfg.callbacks)
     if d.val_fraction + d.test_fraction >= 1:
         raise TransferError(f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} leave "
                             "no training data", "keep their sum below 1, e.g. data.val_fraction=0.2 "
                                                 "data.test_fraction=0.1")
-    _number("data.batch_size", d.batch_size, 1, example=32)
-    _number("data.eval_batch_size", d.eval_batch_size, 1, example=64)
-    _number("data.max_bad_images", d.max_bad_images, 0, example=10)
-    _number("data.image_size", d.image_size, 1, example=224)
-    _number("data.crop_pct", d.crop_pct, 0, 1, low_open=True, example=0.875)
-    _each("data.std", d.std, lambda k, v: _number(k, v, 0, low_open=True, example=0.5))
-    # model
-    _number("model.head_hidden_dim", m.head_hidden_dim, 0, example=0)
-    _number("model.head_dropout", m.head_dropout, 0, 1, high_open=True, example=0.2)
-    _number("model.drop_rate", m.drop_rate, 0, 1, high_open=True, example=0.2)
-    _number("model.drop_path_rate", m.drop_path_rate, 0, 1, high_open=True, example=0.1)
-    # transfer
-    _number("transfer.freeze_stages", t.freeze_stages, 0, example=2)
-    _number("transfer.unfreeze_every", t.unfreeze_every, 1, example=1)
-    _number("transfer.backbone_lr_scale", t.backbone_lr_scale, 0, example=0.1)
-    _number("transfer.layer_decay", t.layer_decay, 0, 1, low_open=True, example=0.75)
-    _number("transfer.cache_views", t.cache_views, 0, example=0)
     if t.head_solver == "lbfgs" and lbfgs_blockers(cfg):
         raise TransferError("transfer.head_solver=lbfgs solves a linear head on cached features, but "
                             + "; ".join(lbfgs_blockers(cfg)), "transfer.head_solver=sgd (or auto: the epoch loop "
@@ -136,70 +117,26 @@ def check_values(cfg: Any) -> None:
         raise TransferError(f"transfer.head_init=probe starts a linear head, but model.head_hidden_dim="
                             f"{m.head_hidden_dim} adds a hidden layer", "model.head_hidden_dim=0, or "
                             "transfer.head_init=random")
-    # augmentation
-    for key in ("hflip", "vflip", "rot90", "random_erasing", "mix_prob", "switch_prob", "perspective"):
-        _number(f"augmentation.{key}", getattr(a, key), 0, 1, example=0.5)
-    for key in ("color_jitter", "rotation", "noise_std", "mixup_alpha", "cutmix_alpha", "num_ops"):
-        _number(f"augmentation.{key}", getattr(a, key), 0, example=0)
-    _number("augmentation.magnitude", a.magnitude, 0, 30, example=9)
-    _number("augmentation.label_smoothing", a.label_smoothing, 0, 1, high_open=True, example=0.1)
     for key, values, example in (("scale", a.scale, "[0.08,1.0]"), ("ratio", a.ratio, "[0.75,1.333]")):
         if len(values) != 2 or not 0 < values[0] <= values[1] or (key == "scale" and values[1] > 1):
             raise TransferError(f"augmentation.{key}={list(values)} is not a range [low, high] with 0 < low <= high"
                                 + (" <= 1" if key == "scale" else ""), f"e.g. augmentation.{key}={example}")
-    # optimizer and schedule
-    _number("optimizer.lr", o.lr, 0, low_open=True, example=1e-3)
-    _number("optimizer.weight_decay", o.weight_decay, 0, example=0.05)
-    if o.name in ("sgd", "rmsprop") and not o.timm_opt:  # the optimizers that take a momentum
-        _number("optimizer.momentum", o.momentum, 0, 1, high_open=True, example=0.9)
-    _number("optimizer.eps", o.eps, 0, low_open=True, example=1e-8)
-    _each("optimizer.betas", o.betas, lambda k, v: _number(k, v, 0, 1, high_open=True, example=0.9))
-    _number("scheduler.warmup_epochs", s.warmup_epochs, 0, example=1)
-    _number("scheduler.warmup_steps", s.warmup_steps, 0, example=100)
-    _number("scheduler.warmup_start_factor", s.warmup_start_factor, 0, 1, example=0.0)
-    _number("scheduler.min_lr_factor", s.min_lr_factor, 0, 1, example=0.0)
-    _number("scheduler.step_epochs", s.step_epochs, 1, example=10)
-    _number("scheduler.gamma", s.gamma, 0, low_open=True, example=0.1)
-    _number("scheduler.pct_start", s.pct_start, 0, 1, low_open=True, high_open=True, example=0.3)
-    _number("scheduler.div_factor", s.div_factor, 0, low_open=True, example=25)
-    _number("scheduler.final_div_factor", s.final_div_factor, 0, low_open=True, example=1e4)
-    _number("scheduler.patience", s.patience, 0, example=2)
-    _each("scheduler.milestones", s.milestones, lambda k, v: _number(k, v, 0, example=10))
-    # trainer and callbacks
-    if not tr.fast_dev_run:
-        _number("trainer.max_epochs", tr.max_epochs, 1, example=10)
-    _number("trainer.min_epochs", tr.min_epochs, 0, example=1)
-    _number("trainer.accumulate_grad_batches", tr.accumulate_grad_batches, 1, example=1)
-    _number("trainer.log_every_n_steps", tr.log_every_n_steps, 1, example=10)
-    _number("trainer.check_val_every_n_epoch", tr.check_val_every_n_epoch, 1, example=1)
-    _number("trainer.gradient_clip_val", tr.gradient_clip_val, 0, example=1.0)
     if str(tr.precision) not in PRECISIONS:
         matches = close_matches(str(tr.precision), PRECISIONS, n=1)
         _fail("trainer.precision", tr.precision, "is not a precision Lightning knows"
               + (f"; did you mean {matches[0]}?" if matches else ""),
               f"trainer.precision={matches[0] if matches else '32-true'} (or bf16-mixed, 16-mixed)")
-    _number("callbacks.early_stopping_patience", cb.early_stopping_patience, 0, example=5)
-    _number("callbacks.checkpoint_every_n_steps", cb.checkpoint_every_n_steps, 0, example=500)
-    _number("callbacks.ema_decay", cb.ema_decay, 0, 1, low_open=True, high_open=True, example=0.999)
     check_warmup(s)
     _targets("callbacks.extra", cb.extra)
     _targets("logger.extra", cfg.logger.extra)
     _monitor("callbacks.monitor", cb.monitor, cfg.task)
     _monitor("scheduler.monitor", s.monitor, cfg.task)
-    # the rest
-    _number("multilabel_threshold", cfg.multilabel_threshold, 0, 1, low_open=True, high_open=True, example=0.5)
-    _number("eval.multicrop_fraction", cfg.eval.multicrop_fraction, 0, 1, low_open=True, example=0.875)
-    _number("calibration.target_recall", cfg.calibration.target_recall, 0, 1, low_open=True, example=0.9)
-    _number("calibration.bins", cfg.calibration.bins, 1, example=15)
     if cfg.task == "multilabel" and cfg.calibration.threshold_criterion != "none":
         raise TransferError(f"calibration.threshold_criterion={cfg.calibration.threshold_criterion} chooses the "
                             "decision threshold of a two-class task, but task=multilabel",
                             "multilabel_threshold=<value> sets the labels' threshold; "
                             "calibration.threshold_criterion=none")
-    # transfer tune's workers
     tu = cfg.tune
-    _number("tune.workers", tu.workers, 1, example=2)
-    _number("tune.heartbeat_s", tu.heartbeat_s, 1, example=30)
     if tu.grace_s <= tu.heartbeat_s:
         _fail("tune.grace_s", tu.grace_s, f"is not longer than tune.heartbeat_s={tu.heartbeat_s}: a live worker's "
               "trial would be taken for dead between two heartbeats", f"e.g. tune.grace_s={4 * tu.heartbeat_s}")
@@ -210,4 +147,4 @@ def check_values(cfg: Any) -> None:
               "sqlite:///study.db or postgresql://user@host/db")
 
 
-__all__ = ["check_values", "check_warmup", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]
+__all__ = ["check_ranges", "check_values", "check_warmup", "lbfgs_blockers", "logged_metrics", "PRECISIONS"]

@@ -1,9 +1,10 @@
 """Every name a user can type for a choice, in one place per choice.
 
 A choice that a config group makes (`data=csv` sets data.source, `scheduler=plateau` scheduler.name, ...) takes
-the names of that group's YAML files: the file name is the name. The builder registry in code behind each
-choice is keyed by the same names, and tests/test_config.py holds every registry against this table. The few
-choices that no config group makes are listed here once.
+the names of that group's YAML files: the file name is the name, and the schema field names the group
+(`key(group="data")`). The builder registry in code behind each choice is keyed by the same names, and
+tests/test_config.py holds every registry against this table. A choice that no config group makes lists its
+names on its schema field (`key(choices=(...))`).
 
 Only the standard library and the configs folder are read here, so a mistyped name fails before torch loads.
 """
@@ -13,44 +14,20 @@ from __future__ import annotations
 from typing import Any
 
 from transfer_cli.config.folders import config_groups
+from transfer_cli.config.keys import declared
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError, close_matches
 
-# key -> the config group whose option names are its allowed values
-GROUP_CHOICES = {
-    "data.source": "data",
-    "transfer.mode": "transfer",
-    "augmentation.name": "augmentation",
-    "optimizer.name": "optimizer",
-    "scheduler.name": "scheduler",
-}
+# key -> the config group whose option names are its allowed values (schema fields declared with group=...)
+GROUP_CHOICES = {dotted: spec.group for dotted, _, spec in declared(TrainConfig) if spec.group}
 ALIASES = {"scheduler.name": ("none",)}  # older configs said scheduler.name=none for constant
 # Config groups whose options combine (logger=[csv,mlflow]): each option switches on the boolean of its own name
 # under the group (logger.mlflow), the options listed here switch them all off; the registry behind the booleans
 # (tracking/trackers.py TRACKERS) is keyed by the other option names.
 FLAG_GROUPS = {"logger": ("none",)}
 
-# key -> allowed values, for the choices no config group makes
-ENUMS = {
-    "task": ("multiclass", "multilabel"),
-    "data.sampler": ("shuffle", "balanced"),
-    "data.decode": ("cpu", "gpu"),
-    "data.class_weights": ("none", "auto"),
-    "data.elpv_task": ("binary", "four_class"),
-    "data.elpv_cell_type": ("all", "mono", "poly"),
-    "transfer.bn": ("frozen", "train"),
-    "transfer.cache_features": ("auto", "true", "false"),
-    "transfer.head_solver": ("auto", "lbfgs", "sgd"),
-    "transfer.head_init": ("random", "probe"),
-    "eval.tta": ("none", "hflip", "flips", "multicrop"),
-    "callbacks.mode": ("max", "min"),
-    "callbacks.test_ckpt": ("best", "last"),
-    "scheduler.mode": ("max", "min"),
-    "trainer.gradient_clip_algorithm": ("norm", "value"),
-    "trainer.compile": ("false", "true", "default", "reduce-overhead", "max-autotune"),
-    "tune.sampler": ("tpe", "random"),
-    "tune.pruner": ("median", "hyperband", "none"),
-    "calibration.threshold_criterion": ("none", "balanced_accuracy", "f1", "recall"),
-}
+# key -> allowed values, for the choices no config group makes (schema fields declared with choices=...)
+ENUMS = {dotted: spec.choices for dotted, _, spec in declared(TrainConfig) if spec.choices}
 
 
 def choices() -> dict[str, list[str]]:

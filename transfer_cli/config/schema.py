@@ -12,129 +12,168 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from transfer_cli.config.keys import key, key_reference
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "imagefolder"  # imagefolder | csv | elpv
-    root: Optional[str] = None  # imagefolder: root/{train,val[,test]}/<class>/*.jpg, or root/<class>/*.jpg
-    csv: Optional[str] = None  # csv: manifest with columns path,label[,split]; paths relative to the CSV
-    label_sep: str = ";"  # csv with task=multilabel: separates the labels of one image ("cat;dog"; empty = none)
-    elpv_task: str = "binary"  # elpv: binary (defect probability >= 0.5) | four_class
-    elpv_cell_type: str = "all"  # elpv: all | mono | poly
-    val_fraction: float = 0.2  # used when the source has no validation split of its own
-    test_fraction: float = 0.0
-    split_seed: int = 0  # fixed apart from `seed`, so several training seeds share one split
-    batch_size: int = 32
-    eval_batch_size: Optional[int] = None  # default: 2 x batch_size
-    num_workers: Any = "auto"  # auto: one per available core but one; or a number
-    decode: str = "cpu"  # cpu: workers decode and transform | gpu: workers read JPEG bytes, the GPU decodes (nvJPEG)
-    sampler: str = "shuffle"  # shuffle: each image once per epoch | balanced: classes drawn equally often
-    class_weights: str = "none"  # none | auto: the loss weights each class by its inverse train frequency
-    max_bad_images: int = 10  # unreadable images skipped (and listed in the run dir) before the run fails
-    # Preprocessing; None = the backbone's pretrained config (timm resolve_data_config).
-    image_size: Optional[int] = None
-    crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    source: str = key("imagefolder", group="data", help="where the images and labels come from")
+    root: Optional[str] = key(None, help='imagefolder: root/{train,val[,test]}/<class>/*.jpg, or root/<class>/*.jpg')
+    csv: Optional[str] = key(None, help='csv: manifest with columns path,label[,split]; paths relative to the CSV')
+    label_sep: str = key(";",
+                         help='csv with task=multilabel: separates the labels of one image ("cat;dog"; empty = none)')
+    elpv_task: str = key("binary", choices=('binary', 'four_class'),
+                         help='elpv: binary (defect probability >= 0.5) or its four probability levels')
+    elpv_cell_type: str = key("all", choices=('all', 'mono', 'poly'), help='elpv: the cells of all wafers, or only mono- or polycrystalline ones')
+    val_fraction: float = key(0.2, within="[0, 1)", help='used when the source has no validation split of its own')
+    test_fraction: float = key(0.0, within="[0, 1)", example=0.1)
+    split_seed: int = key(0, help='fixed apart from `seed`, so several training seeds share one split')
+    batch_size: int = key(32, within="[1, inf)")
+    eval_batch_size: Optional[int] = key(None, within="[1, inf)", example=64, resume=True,
+                                         help='default: 2 x batch_size')
+    num_workers: Any = key("auto", resume=True, help='auto: one per available core but one; or a number')
+    decode: str = key("cpu", choices=('cpu', 'gpu'),
+                      help='cpu: workers decode and transform | gpu: workers read JPEG bytes, the GPU decodes '
+                           '(nvJPEG)')
+    sampler: str = key("shuffle", choices=('shuffle', 'balanced'),
+                       help='shuffle: each image once per epoch | balanced: classes drawn equally often')
+    class_weights: str = key("none", choices=('none', 'auto'),
+                             help='auto: the loss weights each class by its inverse train frequency')
+    max_bad_images: int = key(10, within="[0, inf)",
+                              help='unreadable images skipped (and listed in the run dir) before the run fails')
+    # Preprocessing (role="preprocessing": a restored checkpoint's own unless overridden); None = the backbone's
+    # pretrained config (timm resolve_data_config).
+    image_size: Optional[int] = key(None, within="[1, inf)", example=224, role="preprocessing",
+                                    help="the side of the network's input, in pixels")
+    crop_pct: Optional[float] = key(None, within="(0, 1]", example=0.875, role="preprocessing",
+                                    help="evaluation: the centre crop's share of the resized image")
+    interpolation: Optional[str] = key(None, role="preprocessing", help="bilinear | bicubic | nearest")
+    mean: Optional[List[float]] = key(None, within="[0, 1]", example=0.5, role="preprocessing",
+                                      help="per-channel normalization mean, in [0, 1] pixel units")
+    std: Optional[List[float]] = key(None, within="(0, inf)", example=0.5, role="preprocessing",
+                                     help="per-channel normalization std")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet50"  # any timm model name, e.g. convnext_tiny, vit_base_patch16_224.augreg_in21k
-    pretrained: bool = True  # timm hub weights
-    weights: Optional[str] = None  # a state-dict file (.pth/.pt/.bin/.safetensors/.ckpt) or a named source
-    # Feature combination: the head reads the concatenated pooled features of several backbones (model.weights
-    # then belongs to the first; the others follow model.pretrained) and/or of several feature levels of each
-    # (timm out_indices, negative from the end). Empty: the backbone's usual pooled features.
-    backbones: List[str] = field(default_factory=list)
-    feature_stages: List[int] = field(default_factory=list)
-    head_hidden_dim: int = 0  # 0: a linear head; >0: Linear-ReLU-Dropout-Linear
-    head_dropout: float = 0.0
-    timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (drop_path_rate, ...)
-    drop_rate: Optional[float] = None  # timm's dropout before the classifier (None: the model's default)
-    drop_path_rate: Optional[float] = None  # timm's stochastic depth (None: the model's default)
+    backbone: str = key("resnet50", help='any timm model name, e.g. convnext_tiny, vit_base_patch16_224.augreg_in21k')
+    pretrained: bool = key(True, help='timm hub weights')
+    weights: Optional[str] = key(None, help='a state-dict file (.pth/.pt/.bin/.safetensors/.ckpt) or a named source')
+    backbones: List[str] = key(factory=list,
+                               help='Feature combination: the head reads the concatenated pooled features of several '
+                                    'backbones (model.weights then belongs to the first; the others follow '
+                                    'model.pretrained) and/or of several feature levels of each (timm out_indices, '
+                                    "negative from the end). Empty: the backbone's usual pooled features.")
+    feature_stages: List[int] = key(factory=list)
+    head_hidden_dim: int = key(0, within="[0, inf)", help='0: a linear head; >0: Linear-ReLU-Dropout-Linear')
+    head_dropout: float = key(0.0, within="[0, 1)", example=0.2)
+    timm_kwargs: Dict[str, Any] = key(factory=dict, help='passed to timm.create_model (drop_path_rate, ...)')
+    drop_rate: Optional[float] = key(None, within="[0, 1)", example=0.2,
+                                     help="timm's dropout before the classifier (None: the model's default)")
+    drop_path_rate: Optional[float] = key(None, within="[0, 1)", example=0.1,
+                                          help="timm's stochastic depth (None: the model's default)")
 
 
 @dataclass(frozen=True)
 class TransferConfig:
-    mode: str = "feature_extract"  # feature_extract | fine_tune | partial | gradual_unfreeze
-    freeze_stages: int = 0  # freeze the stem + the first N stages (timm's grouping; see audit.json), any mode
-    freeze: List[str] = field(default_factory=list)  # and parameters matching these regexes
-    # gradual_unfreeze: {epoch: stages} thawed at that epoch, e.g. {0: head, 2: [stage-1], 4: all}; a value may
-    # also be {stages: [...], lr_scale: 0.5}. Stage refs: stem, stage3, stage-1 (the last), all, head.
-    unfreeze: Any = None
-    unfreeze_every: int = 1  # gradual_unfreeze without `unfreeze`: one more stage from the top every N epochs
-    backbone_lr_scale: float = 1.0  # the backbone's LR = optimizer.lr x this
-    layer_decay: Optional[float] = None  # layer-wise LR decay: the last stage x d, the one before x d^2, ...
-    bn: str = "frozen"  # frozen: BatchNorm of frozen stages in eval mode (running stats fixed) | train
-    cache_features: str = "auto"  # auto | true | false: train the head on precomputed features of a frozen backbone
-    cache_views: int = 0  # >0: cache this many augmented views of each training image; epoch e uses view e % K
-    # Where cached features persist between runs, keyed by a fingerprint of everything that shapes them; null:
-    # in memory, for this run only.
-    cache_dir: Optional[str] = "${oc.env:TRANSFER_CACHE_DIR,'~/.cache/transfer'}/features"
-    # How a head on cached features is fitted. lbfgs: solved to convergence (full-batch L-BFGS, its L2 strength
-    # chosen on val; training/probe.py) in one pass; sgd: the epoch loop of optimizer/scheduler/trainer.max_epochs;
-    # auto: lbfgs where it applies (cached features, a linear head, no dropout, label smoothing or EMA), else sgd.
-    head_solver: str = "auto"
-    # The head a fit starts from. probe: the converged linear probe on the frozen backbone's eval-mode features of
-    # the training images (LP-FT, Kumar et al. 2022), for fine_tune, partial and gradual_unfreeze; random: timm's init.
-    head_init: str = "random"
+    mode: str = key("feature_extract", group="transfer", help='which parameters train, and when (README: Transfer modes)')
+    freeze_stages: int = key(0, within="[0, inf)", example=2,
+                             help="freeze the stem + the first N stages (timm's grouping; see audit.json), any mode")
+    freeze: List[str] = key(factory=list, help='and parameters matching these regexes')
+    unfreeze: Any = key(None,
+                        help='gradual_unfreeze: {epoch: stages} thawed at that epoch, e.g. {0: head, 2: [stage-1], 4:'
+                             ' all}; a value may also be {stages: [...], lr_scale: 0.5}. Stage refs: stem, stage3, '
+                             'stage-1 (the last), all, head.')
+    unfreeze_every: int = key(1, within="[1, inf)",
+                              help='gradual_unfreeze without `unfreeze`: one more stage from the top every N epochs')
+    backbone_lr_scale: float = key(1.0, within="[0, inf)", example=0.1, help="the backbone's LR = optimizer.lr x this")
+    layer_decay: Optional[float] = key(None, within="(0, 1]", example=0.75,
+                                       help='layer-wise LR decay: the last stage x d, the one before x d^2, ...')
+    bn: str = key("frozen", choices=('frozen', 'train'),
+                  help='frozen: BatchNorm of frozen stages in eval mode (running stats fixed) | train')
+    cache_features: str = key("auto", choices=('auto', 'true', 'false'),
+                              help='train the head on precomputed features of a frozen backbone')
+    cache_views: int = key(0, within="[0, inf)",
+                           help='>0: cache this many augmented views of each training image; epoch e uses view e % K')
+    cache_dir: Optional[str] = key("${oc.env:TRANSFER_CACHE_DIR,'~/.cache/transfer'}/features", resume=True,
+                                   help='Where cached features persist between runs, keyed by a fingerprint of '
+                                        'everything that shapes them; null: in memory, for this run only.')
+    head_solver: str = key("auto", choices=('auto', 'lbfgs', 'sgd'),
+                           help='How a head on cached features is fitted. lbfgs: solved to convergence (full-batch '
+                                'L-BFGS, its L2 strength chosen on val; training/probe.py) in one pass; sgd: the '
+                                'epoch loop of optimizer/scheduler/trainer.max_epochs; auto: lbfgs where it applies '
+                                '(cached features, a linear head, no dropout, label smoothing or EMA), else sgd.')
+    head_init: str = key("random", choices=('random', 'probe'),
+                         help="The head a fit starts from. probe: the converged linear probe on the frozen backbone's"
+                              ' eval-mode features of the training images (LP-FT, Kumar et al. 2022), for fine_tune, '
+                              "partial and gradual_unfreeze; random: timm's init.")
 
 
 @dataclass(frozen=True)
 class AugmentationConfig:
     # The preset: none | light | medium | randaugment | trivialaugment | autoaugment. The knobs below apply to
     # every preset but none (which is the evaluation preprocessing); 0 turns a knob off.
-    name: str = "light"
-    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop area range
-    ratio: List[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
-    hflip: float = 0.5  # probabilities
-    vflip: float = 0.0
-    rot90: float = 0.0  # probability of a 90/180/270 degree turn (0.75: the four orientations equally likely)
-    color_jitter: float = 0.0  # brightness, contrast and saturation strength (medium: 0.3)
-    rotation: float = 0.0  # max degrees of a random rotation (medium: 10)
-    perspective: float = 0.0  # distortion scale of a random perspective, applied half the time (medium: 0.1)
-    noise_std: float = 0.0  # Gaussian noise sigma, in [0, 1] pixel units (medium: 0.02)
-    num_ops: int = 2  # randaugment: ops per image
-    magnitude: int = 9  # randaugment: their strength, 0-30
-    random_erasing: float = 0.0  # probability of erasing a random rectangle (to the mean colour)
+    name: str = key("light", group="augmentation")
+    scale: List[float] = key(factory=lambda: [0.08, 1.0], help='random resized crop area range')
+    ratio: List[float] = key(factory=lambda: [0.75, 4.0 / 3.0])
+    hflip: float = key(0.5, within="[0, 1]", help='probabilities')
+    vflip: float = key(0.0, within="[0, 1]", example=0.5)
+    rot90: float = key(0.0, within="[0, 1]", example=0.5,
+                       help='probability of a 90/180/270 degree turn (0.75: the four orientations equally likely)')
+    color_jitter: float = key(0.0, within="[0, inf)", help='brightness, contrast and saturation strength (medium: 0.3)')
+    rotation: float = key(0.0, within="[0, inf)", help='max degrees of a random rotation (medium: 10)')
+    perspective: float = key(0.0, within="[0, 1]", example=0.5,
+                             help='distortion scale of a random perspective, applied half the time (medium: 0.1)')
+    noise_std: float = key(0.0, within="[0, inf)", help='Gaussian noise sigma, in [0, 1] pixel units (medium: 0.02)')
+    num_ops: int = key(2, within="[0, inf)", example=0, help='randaugment: ops per image')
+    magnitude: int = key(9, within="[0, 30]", help='randaugment: their strength, 0-30')
+    random_erasing: float = key(0.0, within="[0, 1]", example=0.5,
+                                help='probability of erasing a random rectangle (to the mean colour)')
     # Batch mixing (timm Mixup; images only, not cached features) and the loss's label smoothing.
-    mixup_alpha: float = 0.0  # Beta(alpha, alpha) mixing weights; 0: off
-    cutmix_alpha: float = 0.0  # 0: off; with both on, each batch picks one (switch_prob: CutMix's share)
-    mix_prob: float = 1.0  # fraction of batches mixed
-    switch_prob: float = 0.5
-    label_smoothing: float = 0.0
+    mixup_alpha: float = key(0.0, within="[0, inf)", help='Beta(alpha, alpha) mixing weights; 0: off')
+    cutmix_alpha: float = key(0.0, within="[0, inf)",
+                              help="0: off; with both on, each batch picks one (switch_prob: CutMix's share)")
+    mix_prob: float = key(1.0, within="[0, 1]", example=0.5, help='fraction of batches mixed')
+    switch_prob: float = key(0.5, within="[0, 1]")
+    label_smoothing: float = key(0.0, within="[0, 1)", example=0.1)
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adamw"  # sgd | adamw | adam | rmsprop | lamb | lion
-    timm_opt: Optional[str] = None  # any other timm optimizer (timm.optim.list_optimizers()); wins over name
-    lr: float = 1e-3
-    weight_decay: float = 0.05  # never applied to biases and normalization weights
-    momentum: float = 0.9  # sgd, rmsprop
-    nesterov: bool = True  # sgd
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, adam, lamb, lion
-    eps: float = 1e-8  # adamw, adam, rmsprop, lamb
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # other optimizer arguments: +optimizer.kwargs.alpha=0.99
+    name: str = key("adamw", group="optimizer", help='the optimizer (timm_opt: any other of timm)')
+    timm_opt: Optional[str] = key(None, help='any other timm optimizer (timm.optim.list_optimizers()); wins over name')
+    lr: float = key(1e-3, within="(0, inf)")
+    weight_decay: float = key(0.05, within="[0, inf)", help='never applied to biases and normalization weights')
+    momentum: float = key(0.9, within="[0, 1)", help="sgd, rmsprop",
+                          when=lambda cfg: cfg.optimizer.name in ("sgd", "rmsprop") and not cfg.optimizer.timm_opt)
+    nesterov: bool = key(True, help='sgd')
+    betas: List[float] = key(factory=lambda: [0.9, 0.999], within="[0, 1)", example=0.9, help='adamw, adam, lamb, lion')
+    eps: float = key(1e-8, within="(0, inf)", help='adamw, adam, rmsprop, lamb')
+    kwargs: Dict[str, Any] = key(factory=dict, help='other optimizer arguments: +optimizer.kwargs.alpha=0.99')
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | step | multistep | exponential | onecycle | plateau | constant (none: alias)
-    warmup_epochs: float = 0.0  # linear warmup from warmup_start_factor x lr, stepped per optimizer step
-    warmup_steps: int = 0  # the warmup in optimizer steps instead (set one of the two)
-    warmup_start_factor: float = 0.0
-    min_lr_factor: float = 0.0  # cosine, onecycle and plateau floor, as a fraction of lr
-    step_epochs: int = 10  # step: decay every this many epochs
-    milestones: List[int] = field(default_factory=list)  # multistep: the epochs at which the LR decays
-    gamma: float = 0.1  # step, multistep, plateau: factor per decay; exponential: factor per epoch
-    pct_start: float = 0.3  # onecycle: fraction of the run spent rising to lr (its own warmup)
-    div_factor: float = 25.0  # onecycle: starts at lr / div_factor
-    final_div_factor: float = 1e4  # onecycle: ends at lr / (div_factor x final_div_factor)
-    monitor: Optional[str] = None  # plateau: the metric watched (None: callbacks.monitor)
-    mode: Optional[str] = None  # plateau: max | min, whether the metric should rise or fall (None: callbacks.mode)
-    patience: int = 2  # plateau: epochs without improvement before the LR decays
+    name: str = key("cosine", group="scheduler",
+                    help='cosine | step | multistep | exponential | onecycle | plateau | constant (none: alias)')
+    warmup_epochs: float = key(0.0, within="[0, inf)", example=1,
+                               help='linear warmup from warmup_start_factor x lr, stepped per optimizer step')
+    warmup_steps: int = key(0, within="[0, inf)", example=100,
+                            help='the warmup in optimizer steps instead (set one of the two)')
+    warmup_start_factor: float = key(0.0, within="[0, 1]")
+    min_lr_factor: float = key(0.0, within="[0, 1]", help='cosine, onecycle and plateau floor, as a fraction of lr')
+    step_epochs: int = key(10, within="[1, inf)", help='step: decay every this many epochs')
+    milestones: List[int] = key(factory=list, within="[0, inf)", example=10,
+                                help='multistep: the epochs at which the LR decays')
+    gamma: float = key(0.1, within="(0, inf)",
+                       help='step, multistep, plateau: factor per decay; exponential: factor per epoch')
+    pct_start: float = key(0.3, within="(0, 1)",
+                           help='onecycle: fraction of the run spent rising to lr (its own warmup)')
+    div_factor: float = key(25.0, within="(0, inf)", help='onecycle: starts at lr / div_factor')
+    final_div_factor: float = key(1e4, within="(0, inf)", help='onecycle: ends at lr / (div_factor x final_div_factor)')
+    monitor: Optional[str] = key(None, help='plateau: the metric watched (None: callbacks.monitor)')
+    mode: Optional[str] = key(None, choices=('max', 'min'),
+                              help='plateau: max | min, whether the metric should rise or fall (None: callbacks.mode)')
+    patience: int = key(2, within="[0, inf)", help='plateau: epochs without improvement before the LR decays')
 
 
 # Schedules whose rise is their warmup: a linear warmup (warmup_epochs/steps) contradicts them.
@@ -150,122 +189,153 @@ def linear_warmup(length: float, _root_: Any) -> float:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    strategy: str = "auto"  # ddp (trainer=ddp): one process per device; data.batch_size is per device
-    num_nodes: int = 1
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | auto: bf16-mixed where the GPU has bfloat16
-    max_epochs: int = 10
-    min_epochs: Optional[int] = None
-    deterministic: bool = False
-    benchmark: Optional[bool] = None
-    gradient_clip_val: Optional[float] = None
-    gradient_clip_algorithm: Optional[str] = None  # norm (Lightning's default) | value
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
-    check_val_every_n_epoch: int = 1
-    val_check_interval: Optional[float] = None
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
-    fast_dev_run: Any = False
-    overfit_batches: float = 0.0
-    num_sanity_val_steps: Optional[int] = None
-    enable_progress_bar: bool = True
-    # torch.compile the network (fine-tuning; the first steps are slower while it compiles): false | true (torch's
-    # default mode) | default | reduce-overhead (CUDA graphs: small batches on a large GPU) | max-autotune
-    compile: Any = False
-    channels_last: bool = True  # NHWC images and conv weights: the fast layout of cuDNN and oneDNN convolutions
-    auto_batch_size: bool = False  # before fit, the largest data.batch_size that fits (Lightning's Tuner)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # any other pl.Trainer argument: +trainer.kwargs.X=...
+    accelerator: str = key("auto", resume=True)
+    devices: Any = key("auto")
+    strategy: str = key("auto", help='ddp (trainer=ddp): one process per device; data.batch_size is per device')
+    num_nodes: int = key(1, within="[1, inf)")
+    precision: str = key("32-true",
+                         help='32-true | bf16-mixed | 16-mixed | auto: bf16-mixed where the GPU has bfloat16')
+    max_epochs: int = key(10, within="[1, inf)", when=lambda cfg: not cfg.trainer.fast_dev_run, resume=True)
+    min_epochs: Optional[int] = key(None, within="[0, inf)", example=1, resume=True)
+    deterministic: bool = key(False)
+    benchmark: Optional[bool] = key(None)
+    gradient_clip_val: Optional[float] = key(None, within="[0, inf)", example=1.0)
+    gradient_clip_algorithm: Optional[str] = key(None, choices=('norm', 'value'),
+                                                 help="norm (Lightning's default) | value")
+    accumulate_grad_batches: int = key(1, within="[1, inf)")
+    log_every_n_steps: int = key(10, within="[1, inf)", resume=True)
+    check_val_every_n_epoch: int = key(1, within="[1, inf)")
+    val_check_interval: Optional[float] = key(None, within="(0, inf)", example=0.5)
+    limit_train_batches: Optional[float] = key(None, within="[0, inf)")
+    limit_val_batches: Optional[float] = key(None, within="[0, inf)")
+    limit_test_batches: Optional[float] = key(None, within="[0, inf)")
+    fast_dev_run: Any = key(False)
+    overfit_batches: float = key(0.0, within="[0, inf)")
+    num_sanity_val_steps: Optional[int] = key(None, within="[-1, inf)")
+    enable_progress_bar: bool = key(True, resume=True)
+    compile: Any = key(False, choices=('false', 'true', 'default', 'reduce-overhead', 'max-autotune'),
+                       help='torch.compile the network (fine-tuning; the first steps are slower while it compiles): '
+                            "false | true (torch's default mode) | default | reduce-overhead (CUDA graphs: small "
+                            'batches on a large GPU) | max-autotune')
+    channels_last: bool = key(True,
+                              help='NHWC images and conv weights: the fast layout of cuDNN and oneDNN convolutions')
+    auto_batch_size: bool = key(False, help="before fit, the largest data.batch_size that fits (Lightning's Tuner)")
+    kwargs: Dict[str, Any] = key(factory=dict, help='any other pl.Trainer argument: +trainer.kwargs.X=...')
 
 
 @dataclass(frozen=True)
 class LoggerConfig:
     # Which trackers a run logs to; the logger group's options (logger=mlflow, logger=[csv,mlflow,wandb]) each switch
     # on the flag of their own name, logger=none switches all off. metrics.csv feeds curves.png and sweep summaries.
-    csv: bool = True  # metrics.csv in the run dir
-    tensorboard: bool = False  # tb/ in the run dir (needs the tensorboard package)
-    mlflow: bool = False  # an MLflow run (pip install 'transfer-cli[mlflow]')
-    wandb: bool = False  # a Weights & Biases run, offline unless WANDB_MODE says otherwise (transfer-cli[wandb])
-    experiment: Optional[str] = None  # the MLflow experiment / W&B project; None: the run's `name`
-    run_name: Optional[str] = None  # None: <name>/<run dir's name>
-    # mlflow: where runs are stored; None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow.db
-    tracking_uri: Optional[str] = None
-    log_model: bool = False  # also upload the checkpoint the test scored (else the last one) to mlflow / wandb
-    tags: Dict[str, str] = field(default_factory=dict)  # extra run tags: +logger.tags.team=vision
-    # More Lightning loggers, each a _target_ node: +logger.extra.NAME._target_=module.Class (+ its arguments)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    csv: bool = key(True, resume=True, help='metrics.csv in the run dir')
+    tensorboard: bool = key(False, resume=True, help='tb/ in the run dir (needs the tensorboard package)')
+    mlflow: bool = key(False, resume=True, help="an MLflow run (pip install 'transfer-cli[mlflow]')")
+    wandb: bool = key(False, resume=True,
+                      help='a Weights & Biases run, offline unless WANDB_MODE says otherwise (transfer-cli[wandb])')
+    experiment: Optional[str] = key(None, help="the MLflow experiment / W&B project; None: the run's `name`")
+    run_name: Optional[str] = key(None, help="None: <name>/<run dir's name>")
+    tracking_uri: Optional[str] = key(None,
+                                      help='mlflow: where runs are stored; None: $MLFLOW_TRACKING_URI, else '
+                                           'sqlite:///<cwd>/outputs/mlflow.db')
+    log_model: bool = key(False, resume=True,
+                          help='also upload the checkpoint the test scored (else the last one) to mlflow / wandb')
+    tags: Dict[str, str] = key(factory=dict, help='extra run tags: +logger.tags.team=vision')
+    extra: Dict[str, Any] = key(factory=dict,
+                                help='More Lightning loggers, each a _target_ node: '
+                                     '+logger.extra.NAME._target_=module.Class (+ its arguments)')
 
 
 @dataclass(frozen=True)
 class CallbacksConfig:
-    monitor: str = "val/acc"
-    mode: str = "max"
-    save_last: bool = True
-    early_stopping_patience: int = 0  # 0: off
-    rich_progress: bool = True
-    ema: bool = False  # validate, test and save an exponential moving average of the weights (raw ones kept too)
-    ema_decay: float = 0.999
-    checkpoint_every_n_steps: int = 0  # >0: also refresh last.ckpt every N optimizer steps (long epochs); 0: off
-    test_ckpt: str = "best"  # the weights the end-of-run test scores: best (picked on val) | last (final epoch)
-    # More Lightning callbacks, each a _target_ node: +callbacks.extra.NAME._target_=module.Class (+ its arguments)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    monitor: str = key("val/acc")
+    mode: str = key("max", choices=('max', 'min'))
+    save_last: bool = key(True)
+    early_stopping_patience: int = key(0, within="[0, inf)", example=5, resume=True, help='0: off')
+    rich_progress: bool = key(True, resume=True)
+    ema: bool = key(False,
+                    help='validate, test and save an exponential moving average of the weights (raw ones kept too)')
+    ema_decay: float = key(0.999, within="(0, 1)")
+    checkpoint_every_n_steps: int = key(0, within="[0, inf)", example=500, resume=True,
+                                        help='>0: also refresh last.ckpt every N optimizer steps (long epochs); 0: '
+                                             'off')
+    test_ckpt: str = key("best", choices=('best', 'last'), resume=True,
+                         help='the weights the end-of-run test scores: best (picked on val) | last (final epoch)')
+    extra: Dict[str, Any] = key(factory=dict,
+                                help='More Lightning callbacks, each a _target_ node: '
+                                     '+callbacks.extra.NAME._target_=module.Class (+ its arguments)')
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    tta: str = "none"  # test-time augmentation in validation and test: none | hflip | flips | multicrop (logits averaged)
-    multicrop_fraction: float = 0.875  # multicrop: side of the four corner crops and the centre crop
+    tta: str = key("none", choices=('none', 'hflip', 'flips', 'multicrop'),
+                   help='test-time augmentation in validation and test: none | hflip | flips | multicrop (logits '
+                        'averaged)')
+    multicrop_fraction: float = key(0.875, within="(0, 1]",
+                                    help='multicrop: side of the four corner crops and the centre crop')
 
 
 @dataclass(frozen=True)
 class TuneConfig:
     # `transfer tune`: an Optuna study of trainings, each sampling `params`; the objective is the run's best
     # callbacks.monitor (maximized for callbacks.mode=max). Set by hparams_search=<name> (configs/hparams_search/).
-    n_trials: int = 20  # trials of the study in all: running the command again continues it up to this many
-    # config key -> a range in Hydra's sweep grammar: interval(1e-4, 1e-2), tag(log, interval(...)), integers
-    # int(interval(1, 8)), choice(a, b), range(1, 5); a config group too (optimizer: choice(adamw, sgd))
-    params: Dict[str, str] = field(default_factory=dict)
-    sampler: str = "tpe"  # tpe | random (seeded by `seed`)
-    pruner: str = "median"  # median | hyperband | none: stop a trial whose monitor lags, judged after each epoch
-    startup_trials: int = 5  # trials that run to the end before the pruner judges any
-    warmup_epochs: int = 1  # epochs of each trial before it may be pruned
-    study_name: Optional[str] = None  # None: the run's name
-    dir: Optional[str] = None  # the study's folder (trials, optuna.db, summary); None: multirun/<name>/optuna_<study>
-    storage: Optional[str] = None  # an Optuna storage URL; None: sqlite:///<dir>/optuna.db
-    # journal | journal:<file>: Optuna's journal file (<dir>/optuna.journal), for workers on a shared file system
-    workers: int = 1  # local worker processes on the study (one GPU each where there are GPUs); 1: this process
-    heartbeat_s: int = 30  # a running trial records that its worker lives this often
-    grace_s: int = 120  # a running trial with no heartbeat for this long is failed and its parameters run again
+    n_trials: int = key(20, within="[1, inf)", help='trials of the study in all: running the command again continues it up to this many')
+    params: Dict[str, str] = key(factory=dict,
+                                 help="config key -> a range in Hydra's sweep grammar: interval(1e-4, 1e-2), tag(log,"
+                                      ' interval(...)), integers int(interval(1, 8)), choice(a, b), range(1, 5); a '
+                                      'config group too (optimizer: choice(adamw, sgd))')
+    sampler: str = key("tpe", choices=('tpe', 'random'), help='seeded by `seed`')
+    pruner: str = key("median", choices=('median', 'hyperband', 'none'),
+                      help='median | hyperband | none: stop a trial whose monitor lags, judged after each epoch')
+    startup_trials: int = key(5, within="[0, inf)", help='trials that run to the end before the pruner judges any')
+    warmup_epochs: int = key(1, within="[0, inf)", help='epochs of each trial before it may be pruned')
+    study_name: Optional[str] = key(None, help="None: the run's name")
+    dir: Optional[str] = key(None,
+                             help="the study's folder (trials, optuna.db, summary); None: "
+                                  'multirun/<name>/optuna_<study>')
+    storage: Optional[str] = key(None, help="an Optuna storage URL, or journal | journal:<file>: Optuna's journal "
+                                            "file (<dir>/optuna.journal), for workers on a shared file system; "
+                                            "None: sqlite:///<dir>/optuna.db")
+    workers: int = key(1, within="[1, inf)", example=2,
+                       help='local worker processes on the study (one GPU each where there are GPUs); 1: this process')
+    heartbeat_s: int = key(30, within="[1, inf)", help='a running trial records that its worker lives this often')
+    grace_s: int = key(120, within="[1, inf)",
+                       help='a running trial with no heartbeat for this long is failed and its parameters run again')
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     # After training, per checkpoint (best.ckpt, last.ckpt), on the validation split only (none: skipped), stored
     # in the checkpoint and used by `transfer predict` and `transfer eval`; summary.json `calibration`.
-    temperature: bool = True  # single-label tasks: fit one temperature dividing the logits (val NLL); multilabel: skipped
-    # Two classes: the decision threshold on the positive class's probability, chosen on val for this criterion:
-    # none (argmax) | balanced_accuracy | f1 | recall (the highest threshold whose val recall >= target_recall)
-    threshold_criterion: str = "none"
-    target_recall: float = 0.9
-    positive_class: Optional[str] = None  # the class the threshold decides; None: the second class (index 1)
-    bins: int = 15  # equal-width confidence bins of the ECE and reliability.png
+    temperature: bool = key(True, resume=True,
+                            help='single-label tasks: fit one temperature dividing the logits (val NLL); multilabel: '
+                                 'skipped')
+    threshold_criterion: str = key("none", choices=('none', 'balanced_accuracy', 'f1', 'recall'), resume=True,
+                                   help="Two classes: the decision threshold on the positive class's probability, "
+                                        'chosen on val for this criterion: none (argmax) | balanced_accuracy | f1 | '
+                                        'recall (the highest threshold whose val recall >= target_recall)')
+    target_recall: float = key(0.9, within="(0, 1]", resume=True)
+    positive_class: Optional[str] = key(None, resume=True,
+                                        help='the class the threshold decides; None: the second class (index 1)')
+    bins: int = key(15, within="[1, inf)", resume=True,
+                    help='equal-width confidence bins of the ECE and reliability.png')
 
 
 @dataclass(frozen=True)
 class PathsConfig:
     # The run dir: Hydra's run dir when `transfer train` runs; None in a config composed outside a Hydra run.
-    output_dir: Optional[str] = "${hydra:runtime.output_dir}"
+    output_dir: Optional[str] = key("${hydra:runtime.output_dir}", help="the run dir (set by Hydra)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    name: str = "default"  # the run dir is outputs/<name>/<date>_<time>
-    seed: int = 42
-    task: str = "multiclass"  # multiclass: one class per image (softmax) | multilabel: a label set (sigmoid)
-    multilabel_threshold: float = 0.5  # multilabel: a label is predicted when its sigmoid >= this (F1, predictions)
-    resume: Optional[str] = None  # a run dir, its .ckpt, or last: continue that run (transfer_cli/resume)
+    name: str = key("default", help='the run dir is outputs/<name>/<date>_<time>')
+    seed: int = key(42)
+    task: str = key("multiclass", choices=('multiclass', 'multilabel'),
+                    help='multiclass: one class per image (softmax) | multilabel: a label set (sigmoid)')
+    multilabel_threshold: float = key(0.5, within="(0, 1)",
+                                      help='multilabel: a label is predicted when its sigmoid >= this (F1, '
+                                           'predictions)')
+    resume: Optional[str] = key(None, help='a run dir, its .ckpt, or last: continue that run (transfer_cli/resume)')
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -293,14 +363,21 @@ def structured_schema(schema: Optional[type] = None) -> Any:
 
     def thaw(node: Any) -> None:
         OmegaConf.set_readonly(node, None)
-        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
-            child = node._get_node(key)
+        for name in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            child = node._get_node(name)
             if isinstance(child, (DictConfig, ListConfig)):
                 thaw(child)
 
     node = OmegaConf.structured(schema or TrainConfig)
     thaw(node)
     return node
+
+
+def _key_reference() -> str:
+    from transfer_cli.config.folders import config_groups
+
+    # Hydra fills its help template with string.Template, where "$$" is a literal "$"
+    return key_reference(TrainConfig, config_groups()).replace("$", "$$")
 
 
 def register_configs() -> None:
@@ -311,6 +388,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=structured_schema())
     if not OmegaConf.has_resolver("linear_warmup"):
         OmegaConf.register_new_resolver("linear_warmup", linear_warmup)
+    if not OmegaConf.has_resolver("transfer_keys"):  # the key reference of `transfer train --help`
+        OmegaConf.register_new_resolver("transfer_keys", _key_reference)
 
 
 __all__ = ["OWN_WARMUP_SCHEDULES", "TrainConfig", "linear_warmup", "register_configs", "structured_schema"]

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from transfer_cli.config.keys import declared
 from transfer_cli.config.overrides import later_wins, names, override_key, parse, take
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.resume.checkpoints import (
     checkpoint_config, checkpoints_in, is_whole, read_checkpoint, resolve_checkpoint, run_dir_of,
@@ -26,27 +28,9 @@ log = logging.getLogger("transfer_cli")
 
 RESUME_KEY = "resume"
 # Keys a resumed run may change: the run's length, logging and progress display, how data is loaded (not what),
-# and how often it checkpoints. A key listed here also allows every key below it.
-SAFE_ON_RESUME = (
-    "trainer.max_epochs",  # extend (or shorten) the run; the LR schedule follows the new length (README)
-    "trainer.min_epochs",
-    "trainer.enable_progress_bar",
-    "trainer.log_every_n_steps",
-    "trainer.accelerator",  # continue on another machine (same precision; bitwise equality is then not promised)
-    "data.num_workers",
-    "data.eval_batch_size",
-    "logger.csv",
-    "logger.tensorboard",
-    "logger.mlflow",  # switched on at a resume: a new tracker run from the resumed step on
-    "logger.wandb",
-    "logger.log_model",
-    "callbacks.rich_progress",
-    "callbacks.checkpoint_every_n_steps",
-    "callbacks.early_stopping_patience",
-    "callbacks.test_ckpt",  # which checkpoint the end-of-run test scores; training is the same either way
-    "transfer.cache_dir",
-    "calibration",  # fitted after training, on the saved weights: resuming a finished run refits it
-)
+# how often it checkpoints, and the calibration fitted after training. Each is declared on its schema field
+# (`key(resume=True)`, config/schema.py); a key listed here also allows every key below it.
+SAFE_ON_RESUME = tuple(dotted for dotted, _, spec in declared(TrainConfig) if spec.resume)
 # Only with resume=last: they pick the experiment whose newest run continues, and must match that run.
 SELECTORS = ("experiment", "name")
 
