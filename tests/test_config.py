@@ -267,3 +267,13 @@ def test_each_declared_range_refuses_a_value_outside_it_and_its_example_passes(d
     example = example_of(field, spec)
     assert f"{dotted}{'[0]' if listed else ''}={example}" in refused.value.fix
     check_values(replace_at(base, {dotted: [example] if listed else example}))
+
+
+def test_a_resolved_run_has_its_eval_batch_and_resolving_again_changes_nothing(tmp_path):
+    from transfer_cli.config.resolve import resolve_run
+
+    default = resolve_run(compose(["~experiment", "data.batch_size=24", f"paths.output_dir={tmp_path}"]))
+    given = resolve_run(compose(["~experiment", "data.batch_size=24", "data.eval_batch_size=7",
+                                 f"paths.output_dir={tmp_path}"]))
+    assert (default.data.eval_batch_size, given.data.eval_batch_size) == (48, 7)
+    assert resolve_run(default) == default and resolve_run(given) == given

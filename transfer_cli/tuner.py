@@ -150,7 +150,7 @@ def scale_batch_size(run: Any) -> int:
     found = Tuner(run.trainer).scale_batch_size(run.module, datamodule=run.datamodule, mode="power")
     if found is None:  # fast_dev_run: Lightning skips the search
         return int(run.datamodule.batch_size)
-    if run.cfg.data.eval_batch_size is None:  # the default evaluation batch follows the training batch
+    if run.cfg.data.eval_batch_size == 2 * run.cfg.data.batch_size:  # the default relation: it follows the batch
         run.datamodule.eval_batch_size = 2 * found
     log.info("auto batch size: data.batch_size=%d", found)
     return int(found)

@@ -101,7 +101,7 @@ def image_batches(paths: list[str], data_config: dict, cfg: Any) -> tuple[Any, A
 
     dataset = ImageDataset([(p, i) for i, p in enumerate(paths)], eval_transform(data_config))
     shape = tuple(int(v) for v in data_config["input_size"])
-    loader = make_loader(dataset, int(cfg.data.eval_batch_size or 2 * cfg.data.batch_size),
+    loader = make_loader(dataset, int(cfg.data.eval_batch_size),
                          num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed,
                          collate_fn=partial(collate_drop_bad, image_shape=shape))
     unreadable = BadImages(budget=len(paths))  # every unreadable input is recorded; none stops the command
@@ -162,11 +162,11 @@ def _predict_onnx(path: Path, paths: list[str], output: Path, topk: int, overrid
 
     from transfer_cli.commands.onnx_model import forward_of, load
     from transfer_cli.commands.restore import apply_overrides
-    from transfer_cli.config.compose import as_schema
+    from transfer_cli.config.resolve import resolve_run
     from transfer_cli.config.schema import structured_schema
     from transfer_cli.inference import infer
 
-    cfg = as_schema(apply_overrides(structured_schema(), overrides))
+    cfg = resolve_run(apply_overrides(structured_schema(), overrides))
     session, metadata = load(path, cfg.trainer.accelerator)
     given = {_key(o) for o in overrides}
     threshold = cfg.multilabel_threshold if "multilabel_threshold" in given else metadata.get("multilabel_threshold",

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_cli.config.compose import as_schema
+from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.keys import declared
 from transfer_cli.config.overrides import override_key, parse
 from transfer_cli.config.schema import TrainConfig
@@ -142,7 +142,7 @@ def restore(ref: str | Path, overrides: Sequence[str] = (), prefer: str = "best"
     from transfer_cli.training.finite import check_weights
 
     check_weights(ckpt["state_dict"], str(path))  # a diverged run's weights predict nothing
-    cfg = as_schema(apply_overrides(checkpoint_config(ckpt), overrides))
+    cfg = resolve_run(apply_overrides(checkpoint_config(ckpt), overrides))
     model = build_model(cfg, meta, ckpt["state_dict"], path)
     forget_checkpoint()  # the weights are in the model now
     log.info("restored %s (%s, %d classes)", path, meta.get("backbone"), len(meta["class_names"]))

@@ -58,6 +58,8 @@ def resolve_run(cfg: Any, run_dir: Optional[Path] = None) -> TrainConfig:
         "data.root": _absolute(typed.data.root),
         "data.csv": _absolute(typed.data.csv),
         "transfer.cache_dir": _absolute(typed.transfer.cache_dir),
+        # no gradients are kept when evaluating, so twice the training batch fits where the batch does
+        "data.eval_batch_size": typed.data.eval_batch_size or 2 * typed.data.batch_size,
     })
 
 
