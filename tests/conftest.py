@@ -1,13 +1,51 @@
-"""Shared fixtures: tiny, clearly separable image data sets written to pytest's tmp_path."""
+"""Shared fixtures and helpers: tiny, clearly separable image data sets written to pytest's tmp_path, the CLI
+in a subprocess, a built run, a checkpoint read back."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# The CLI in a fresh interpreter that reports, on stderr, which heavy modules it imported ("HEAVY [...]").
+PROBE = ("import sys; from transfer_cli.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+         "    print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules), "
+         "file=sys.stderr)")
+
+
+def transfer(*args: str, cwd=None, env=None, timeout: float = 600, probe: bool = False) -> subprocess.CompletedProcess:
+    """`transfer <args>` in a subprocess, output captured as text; probe=True: through PROBE."""
+    code = ["-c", PROBE] if probe else ["-m", "transfer_cli"]
+    return subprocess.run([sys.executable, *code, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def transfer_popen(*args: str, cwd=None) -> subprocess.Popen:
+    """`transfer <args>` started, unbuffered, stdout and stderr merged: for tests that signal or kill it."""
+    return subprocess.Popen([sys.executable, "-m", "transfer_cli", *args], cwd=cwd,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def make_run(cfg, run_dir: Path):
+    """The built run (assembly/run.py build_run) of `cfg` in `run_dir`, created first as train() does."""
+    from transfer_cli.assembly.run import build_run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return build_run(cfg, run_dir)
+
+
+def load_ckpt(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
 
 # Class k's look: 0 dark noise, 1 bright noise, then strongly coloured noise, so a few SGD steps on a tiny
 # model (or a linear probe on random features) separate them.

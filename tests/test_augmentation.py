@@ -2,14 +2,12 @@
 
 import csv
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_overrides
+from conftest import tiny_run_overrides, transfer
 from PIL import Image
 from timm.data.mixup import mixup_target
 
@@ -231,18 +229,14 @@ def test_augment_preview_rejects_bad_arguments(arg):
 
 
 def test_augment_preview_cli_fails_fast_on_a_config_mistake():
-    probe = ("import sys; from transfer_cli.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
-             "    print('HEAVY', sorted(m for m in ('torch', 'timm') if m in sys.modules), file=sys.stderr)")
-    out = subprocess.run([sys.executable, "-c", probe, "augment-preview", "augmentation=medum", "n=4"],
-                         capture_output=True, text=True, timeout=120)
+    out = transfer("augment-preview", "augmentation=medum", "n=4", probe=True, timeout=120)
     assert out.returncode == 2 and "medium" in out.stderr and "HEAVY []" in out.stderr
 
 
 @pytest.mark.slow
 def test_augment_preview_cli_writes_the_file(tmp_path, tiny_imagefolder):
     output = tmp_path / "cli.png"
-    out = subprocess.run([sys.executable, "-m", "transfer_cli", "augment-preview",
-                          *run_overrides(tmp_path, tiny_imagefolder), "n=2", f"output={output}"],
-                         capture_output=True, text=True, timeout=300)
+    out = transfer("augment-preview", *run_overrides(tmp_path, tiny_imagefolder), "n=2", f"output={output}",
+                   timeout=300)
     assert out.returncode == 0, out.stderr
     assert output.is_file() and str(output) in out.stdout

@@ -17,20 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _make_image_folder, tiny_run_overrides, write_class_images
+from conftest import _make_image_folder, tiny_run_overrides, transfer, write_class_images
 
 from transfer_cli.errors import from_os_error
 from transfer_cli.run_dir import fresh_dir
 
-PROBE = ("import sys; from transfer_cli.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
-         "    print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules), "
-         "file=sys.stderr)")
-
-
-def cli(*args, cwd, probe=False, env=None, timeout=600):
-    code = ["-c", PROBE] if probe else ["-m", "transfer_cli"]
-    return subprocess.run([sys.executable, *code, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+cli = transfer  # conftest: the CLI in a subprocess
 
 
 def tree_hash(root: Path) -> str:

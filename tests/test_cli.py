@@ -1,22 +1,16 @@
 """The `transfer` command as a user runs it: subprocesses, exit codes, files on disk."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import transfer
 
-PROBE = "import sys; from transfer_cli.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules), file=sys.stderr)"
-
-
-def run(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+run = transfer  # conftest: the CLI in a subprocess
 
 
 def probe(*args):
-    """Run the CLI in-process of a fresh interpreter and report which heavy modules it imported."""
-    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)
+    """The CLI in a fresh interpreter that reports which heavy modules it imported."""
+    return transfer(*args, probe=True, timeout=120)
 
 
 def test_help_lists_commands_and_groups_without_importing_torch():

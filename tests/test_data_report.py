@@ -8,15 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import class_image, write_class_images
+from conftest import PROBE, class_image, write_class_images
 from PIL import Image
 
 from transfer_cli.data.report import duplicate_groups, imbalance_ratio
-
-PROBE = ("import sys; from transfer_cli.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
-         "    print('HEAVY', sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules), "
-         "file=sys.stderr)")
-
 
 def test_duplicate_groups_are_byte_identical_files_in_two_splits(tmp_path):
     rng = np.random.default_rng(0)

@@ -1,10 +1,9 @@
 """trainer=ddp through the real CLI: 2 CPU processes (gloo), Lightning re-launching `transfer train` for rank 1."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import transfer
 
 from transfer_cli.config.compose import compose
 from transfer_cli.train import train
@@ -28,10 +27,9 @@ def test_ddp_sweep_takes_the_steps_of_one_process_with_the_same_global_batch(tmp
     # Two jobs of a sweep, each on 2 processes with 4 images per device: the second job must launch its own
     # rank 1 again (not hang on the first job's process group) and write into its own job dir only.
     sweep = tmp_path / "sweep"
-    out = subprocess.run([sys.executable, "-m", "transfer_cli", "train", "-m", *COMMON,
-                          f"data.root={tiny_imagefolder}", "trainer=ddp", "trainer.accelerator=cpu",
-                          "trainer.devices=2", "data.batch_size=4", "seed=1,2", f"hydra.sweep.dir={sweep}"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=540)
+    out = transfer("train", "-m", *COMMON, f"data.root={tiny_imagefolder}", "trainer=ddp", "trainer.accelerator=cpu",
+                   "trainer.devices=2", "data.batch_size=4", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                   timeout=540)
     assert out.returncode == 0, out.stderr[-3000:]
     for job in ("0", "1"):
         assert global_step(sweep / job) == 4

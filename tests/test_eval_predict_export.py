@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import _make_image_folder, tiny_cfg, write_class_images
+from conftest import _make_image_folder, tiny_cfg, transfer, write_class_images
 from PIL import Image
 
 from transfer_cli.commands.evaluate import evaluate
@@ -190,8 +188,7 @@ def test_export_torchscript_matches_pytorch_and_carries_its_metadata(tiny_run, t
 @pytest.mark.slow
 def test_eval_command_line(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
-    done = subprocess.run([sys.executable, "-m", "transfer_cli", "eval", f"ckpt={run_dir}", "split=val",
-                           f"output={tmp_path}", "eval.tta=hflip"], capture_output=True, text=True, timeout=300)
+    done = transfer("eval", f"ckpt={run_dir}", "split=val", f"output={tmp_path}", "eval.tta=hflip", timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "eval_report.json").read_text())
     assert report["tta"] == "hflip" and report["split"] == "val" and "per class" in done.stdout

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import _make_image_folder, tiny_cfg, write_class_images
+from conftest import _make_image_folder, tiny_cfg, transfer, write_class_images
 from PIL import Image
 
 from transfer_cli.commands.check_inputs import CHECK_BATCHES
@@ -218,9 +216,9 @@ def test_export_timm_refuses_what_timm_cannot_hold(tmp_path, overrides, why):
 @pytest.mark.slow
 def test_push_offline_says_so_and_keeps_the_export(tiny_run, tmp_path):
     _, run_dir, _ = tiny_run
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # huggingface_hub's own offline switch: no request leaves
-    done = subprocess.run([sys.executable, "-m", "transfer_cli", "push", f"ckpt={run_dir}", "repo=alice/tiny-cats",
-                           f"output={tmp_path / 'hub'}"], capture_output=True, text=True, timeout=300, env=env)
+    env = {"HF_HUB_OFFLINE": "1"}  # huggingface_hub's own offline switch: no request leaves
+    done = transfer("push", f"ckpt={run_dir}", "repo=alice/tiny-cats", f"output={tmp_path / 'hub'}", timeout=300,
+                    env=env)
     assert done.returncode == 2, done.stderr[-2000:]
     err = " ".join(done.stderr.split())
     assert "error: cannot push to https://huggingface.co: HF_HUB_OFFLINE is set" in err and "fix:" in err

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_cfg, tiny_run_overrides, write_class_images
+from conftest import load_ckpt, make_run, tiny_cfg, tiny_run_overrides, write_class_images
 from PIL import Image
 
 from transfer_cli.cli import main as cli_main
@@ -19,7 +19,6 @@ from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.data.samplers import BalancedEpochSampler
 from transfer_cli.tuner import FinderOptions, find_lr
 from transfer_cli.models.backbone import create_backbone
-from transfer_cli.assembly.run import build_run
 from transfer_cli.train import train
 from transfer_cli.training.ema import RAW_WEIGHTS_KEY
 from transfer_cli.training.tta import tta_views
@@ -41,21 +40,12 @@ class LRRecorder(pl.Callback):
         self.rows.append((trainer.global_step, trainer.current_epoch, [g["lr"] for g in groups]))
 
 
-def make_run(cfg, run_dir):
-    run_dir.mkdir(parents=True, exist_ok=True)  # as train() does before building the run
-    return build_run(cfg, run_dir)
-
-
 def fit_recording_lrs(cfg, tmp_path):
     run = make_run(cfg, tmp_path / "run")
     recorder = LRRecorder()
     run.trainer.callbacks.append(recorder)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return run, recorder.rows
-
-
-def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------- optimizers

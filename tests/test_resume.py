@@ -13,8 +13,6 @@ import random
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import tiny_run_overrides
+from conftest import tiny_run_overrides, transfer_popen
 from transfer_cli.config.compose import compose
 from transfer_cli.errors import TransferError
 from transfer_cli.atomic import atomic_torch_save, leftover_temp_files
@@ -251,10 +249,8 @@ def test_extending_max_epochs_follows_the_new_cosine_horizon(tmp_path, tiny_imag
 # ------------------------------------------------------------------ subprocesses: kill -9 and SIGTERM
 
 
-def cli(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *args], cwd=kw.get("cwd"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def cli(*args, cwd=None):
+    return transfer_popen("train", *args, cwd=cwd)
 
 
 def saved_step(path: Path) -> int:

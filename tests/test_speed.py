@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import tiny_cfg
+from conftest import make_run, tiny_cfg
 
 from transfer_cli.assembly.model import COMPILE_MODES, compile_mode
-from transfer_cli.assembly.run import build_run
 from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.data.loaders import resolve_num_workers
@@ -27,11 +26,6 @@ from transfer_cli.training.optim import build_optimizer, kernel_flags
 from transfer_cli.training.tta import tta_logits
 
 HEAD_ONLY = ("transfer=feature_extract", "augmentation=none")
-
-
-def make_run(cfg, run_dir):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return build_run(cfg, run_dir)
 
 
 # ---------------------------------------------------------------- first-step latency

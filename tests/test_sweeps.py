@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import tiny_run_overrides
+from conftest import tiny_run_overrides, transfer
 
 from transfer_cli.cli import main
 from transfer_cli.errors import TransferError
@@ -19,11 +19,6 @@ from transfer_cli.sweeps.summary import build_summary
 
 def tiny_args(root):
     return tiny_run_overrides(root, None, "trainer.max_epochs=1")
-
-
-def transfer(*args, cwd, timeout=600):
-    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
 
 
 def summary_rows(sweep_dir):
@@ -163,8 +158,7 @@ def test_tune_without_optuna_names_the_extra(monkeypatch):
 
 
 def test_train_points_a_search_space_to_transfer_tune(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "transfer_cli", "train", "-m", "hparams_search=optuna"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = transfer("train", "-m", "hparams_search=optuna", timeout=120, cwd=tmp_path)
     assert out.returncode == 2
     err = " ".join(out.stderr.split())
     assert "search space of `transfer tune`" in err and "fix: transfer tune hparams_search=optuna" in err
