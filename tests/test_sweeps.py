@@ -374,3 +374,13 @@ def test_a_trial_of_a_killed_worker_is_rerun_once_by_another(tmp_path, tiny_imag
     assert len({tuple(sorted(t.params.items())) for t in completed(trials)}) == 3  # no params trained twice
     rows = {r["job"]: r["status"] for r in summary_rows(study_dir)}
     assert rows.pop(str(victim.number)) == "interrupted" and set(rows.values()) == {"ok"} and len(rows) == 3
+
+
+def test_the_default_study_folder_is_named_after_the_study():
+    """hparams_search=optuna names no folder: the study's name (tune.study_name, else the run's) names it."""
+    from transfer_cli.config.compose import as_schema, compose
+    from transfer_cli.sweeps.tune import study_location
+
+    for extra, name in (([], "demo"), (["tune.study_name=lr_search"], "lr_search")):
+        study, folder = study_location(as_schema(compose(["hparams_search=optuna", "experiment=demo", *extra])))
+        assert study == name and folder.parts[-3:] == ("multirun", "demo", f"optuna_{name}")

@@ -163,8 +163,7 @@ def tune(args: list[str]) -> dict[str, Any]:
         raise TransferError("the search space is empty", "hparams_search=optuna, or a range such as "
                                                         "'optimizer.lr=tag(log, interval(1e-4, 1e-2))'")
     space = {key: distribution(key, text) for key, text in space_text.items()}
-    name = cfg.tune.study_name or cfg.name
-    study_dir = Path(cfg.tune.dir or Path("multirun") / cfg.name / f"optuna_{name}").expanduser().resolve()
+    name, study_dir = study_location(cfg)
     study_dir.mkdir(parents=True, exist_ok=True)
     where = describe(cfg.tune.storage, study_dir)
     if cfg.tune.workers > 1:
@@ -245,6 +244,12 @@ def work_on_study(cfg: Any, space: dict[str, Any], base: list[str], study_dir: P
         time.sleep(t.heartbeat_s)
 
 
+def study_location(cfg: Any) -> tuple[str, Path]:
+    """(study name, study folder): tune.study_name or the run's name; tune.dir or multirun/<name>/optuna_<study>."""
+    name = cfg.tune.study_name or cfg.name
+    return name, Path(cfg.tune.dir or Path("multirun") / cfg.name / f"optuna_{name}").expanduser().resolve()
+
+
 def tune_command(args: list[str]) -> None:
     import sys
 
@@ -260,4 +265,4 @@ def tune_command(args: list[str]) -> None:
         sys.exit(1)
 
 
-__all__ = ["tune", "tune_command", "work_on_study", "distribution", "SAMPLERS", "PRUNERS", "OPTUNA_EXTRA"]
+__all__ = ["tune", "tune_command", "study_location", "work_on_study", "distribution", "SAMPLERS", "PRUNERS", "OPTUNA_EXTRA"]
