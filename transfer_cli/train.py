@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.assembly.calibration import calibrate_checkpoints, positive_index
 from transfer_cli.assembly.run import build_run
+from transfer_cli.assembly.trainer import add_callbacks
 from transfer_cli.atomic import atomic_write_json, atomic_write_text
 from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.schema import TrainConfig
@@ -122,7 +123,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     run = build_run(typed, run_dir)
     positive_index(typed, run.splits.class_names)  # a threshold asked of a task it cannot decide fails now
     splits, images, datamodule, module, trainer = run.splits, run.images, run.datamodule, run.module, run.trainer
-    trainer.callbacks.extend(callbacks)
+    add_callbacks(trainer, *callbacks)
     leaked = _write_data_report(splits, run_dir) if trainer.is_global_zero else 0
     if typed.trainer.auto_batch_size and not run.solved:  # a solved head fits all its rows at once
         from transfer_cli.tuner import scale_batch_size

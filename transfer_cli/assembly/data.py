@@ -31,6 +31,7 @@ _HEAD_ONLY_KEYS = ("head_hidden_dim", "head_dropout")
 
 def loader_settings(cfg: TrainConfig) -> LoaderSettings:
     data = cfg.data
+    assert data.eval_batch_size is not None, "resolve_run fills it"
     return LoaderSettings(batch_size=int(data.batch_size), eval_batch_size=int(data.eval_batch_size),
                           num_workers=resolve_num_workers(data.num_workers), sampler=data.sampler, seed=int(cfg.seed),
                           static_shapes=compile_mode(cfg.trainer.compile) is not None)

@@ -15,7 +15,7 @@ from transfer_cli.assembly.data import cache_plan, discover, feature_pass, image
 from transfer_cli.assembly.model import build_model, checkpoint_block, prepare_for_training, run_meta
 from transfer_cli.assembly.module import transfer_module
 from transfer_cli.assembly.probe import head_fit, head_solver, solver_config
-from transfer_cli.assembly.trainer import build_trainer
+from transfer_cli.assembly.trainer import add_callbacks, build_trainer
 from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
@@ -91,7 +91,7 @@ def build_run(cfg: TrainConfig | DictConfig, run_dir: Path) -> RunParts:
     solve, solver_why = head_solver(cfg, cache)
     trainer = build_trainer(solver_config(cfg) if solve else cfg, run_dir, validate=bool(splits.val),
                             resume_point=resume_point)
-    trainer.callbacks.append(first_step)
+    add_callbacks(trainer, first_step)
     device = trainer.strategy.root_device
     images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt", device=device,
                         resume_start=resume_point.start)
@@ -107,10 +107,10 @@ def build_run(cfg: TrainConfig | DictConfig, run_dir: Path) -> RunParts:
                              device_type=device.type, module_class=ProbeModule if solve else TransferModule)
     probe = head_fit(cfg, splits, images, datamodule, model, device, solve)
     if probe is not None:
-        trainer.callbacks.append(probe)
+        add_callbacks(trainer, probe)
     if cache:  # a head on features: milliseconds a step, faster on one CPU thread (threads.py)
         head_size = sum(p.numel() for p in model.head.parameters())
-        trainer.callbacks.append(SmallWorkThreads(max(images.batch_size, images.eval_batch_size) * head_size))
+        add_callbacks(trainer, SmallWorkThreads(max(images.batch_size, images.eval_batch_size) * head_size))
     return RunParts(cfg, splits, model, images, datamodule, module, trainer, cache, first_step, probe)
 
 

@@ -117,6 +117,13 @@ def trainer_args(cfg: TrainConfig, validate: bool) -> dict[str, Any]:
     return args
 
 
+def add_callbacks(trainer: pl.Trainer, *callbacks: Callback) -> None:
+    """Callbacks that need the trainer's device or the built run join it after construction. Lightning sets
+    `Trainer.callbacks` in its constructor without declaring the attribute, so type checkers cannot see it; this is
+    the one place that appends to it (every training run of the suite goes through it)."""
+    trainer.callbacks.extend(callbacks)  # type: ignore[attr-defined]
+
+
 def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
                   resume_point: Optional[ResumePoint] = None) -> pl.Trainer:
     """validate=False: the data has no validation split, see check_without_validation. `resume_point`: the
@@ -136,8 +143,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
             "on a machine without a GPU use trainer=cpu (or trainer=auto); check trainer.precision/devices",
         ) from e
     if cfg.callbacks.ema:  # built now that the device is known: the average lives where the weights train
-        trainer.callbacks.append(EMA(decay=cfg.callbacks.ema_decay, device=trainer.strategy.root_device))
+        add_callbacks(trainer, EMA(decay=cfg.callbacks.ema_decay, device=trainer.strategy.root_device))
     return trainer
 
 
-__all__ = ["build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]
+__all__ = ["add_callbacks", "build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]
