@@ -18,7 +18,7 @@ from transfer_cli.data.images import load_rgb
 from transfer_cli.data.transforms import build_transform
 from transfer_cli.errors import TransferError
 from transfer_cli.models.backbone import create_backbone, resolve_data_config
-from transfer_cli.preview import augment_preview, parse_args
+from transfer_cli.commands.augment_preview import augment_preview, parse_args
 from transfer_cli.assembly.run import build_run
 from transfer_cli.train import train
 from transfer_cli.training.mixing import build_mixup, mix_batch

@@ -140,7 +140,7 @@ def test_multilabel_head_is_solved_with_one_sigmoid_per_label(tmp_path):
 
 
 def test_lr_find_refuses_a_solved_head(tmp_path, tiny_imagefolder):
-    from transfer_cli.tuner import FinderOptions, find_lr
+    from transfer_cli.commands.lr_find import FinderOptions, find_lr
 
     with pytest.raises(TransferError) as err:
         find_lr(tiny_cfg(tmp_path, tiny_imagefolder, *FROZEN), tmp_path / "lr", FinderOptions())

@@ -17,7 +17,7 @@ from PIL import Image
 from transfer_cli.cli import main as cli_main
 from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.data.samplers import BalancedEpochSampler
-from transfer_cli.tuner import FinderOptions, find_lr
+from transfer_cli.commands.lr_find import FinderOptions, find_lr
 from transfer_cli.models.backbone import create_backbone
 from transfer_cli.train import train
 from transfer_cli.training.ema import RAW_WEIGHTS_KEY

@@ -32,13 +32,13 @@ def _train(args: list[str]) -> None:
 
 
 def _augment_preview(args: list[str]) -> None:
-    from transfer_cli.preview import augment_preview  # imports torch only once the config has composed
+    from transfer_cli.commands.augment_preview import augment_preview  # imports torch only once the config has composed
 
     print(f"wrote {augment_preview(args)}")
 
 
 def _lr_find(args: list[str]) -> None:
-    from transfer_cli.tuner import lr_find_command  # torch loads only once the command runs
+    from transfer_cli.commands.lr_find import lr_find_command  # torch loads only once the command runs
 
     lr_find_command(args)
 

@@ -126,7 +126,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     add_callbacks(trainer, *callbacks)
     leaked = _write_data_report(splits, run_dir) if trainer.is_global_zero else 0
     if typed.trainer.auto_batch_size and not run.solved:  # a solved head fits all its rows at once
-        from transfer_cli.tuner import scale_batch_size
+        from transfer_cli.assembly.trainer import scale_batch_size
 
         scale_batch_size(run)
     try:  # or continue cfg.resume; exits 143/130 on SIGTERM/SIGINT

@@ -147,4 +147,18 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
     return trainer
 
 
-__all__ = ["add_callbacks", "build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]
+def scale_batch_size(run: Any) -> int:
+    """trainer.auto_batch_size: Lightning's Tuner doubles data.batch_size until a step runs out of memory (or
+    the batch holds the whole training set), and the run continues with the largest that fit."""
+    from pytorch_lightning.tuner import Tuner
+
+    found = Tuner(run.trainer).scale_batch_size(run.module, datamodule=run.datamodule, mode="power")
+    if found is None:  # fast_dev_run: Lightning skips the search
+        return int(run.datamodule.batch_size)
+    if run.cfg.data.eval_batch_size == 2 * run.cfg.data.batch_size:  # the default relation: it follows the batch
+        run.datamodule.eval_batch_size = 2 * found
+    log.info("auto batch size: data.batch_size=%d", found)
+    return int(found)
+
+
+__all__ = ["add_callbacks", "scale_batch_size", "build_trainer", "build_callbacks", "build_loggers", "check_without_validation", "trainer_args"]

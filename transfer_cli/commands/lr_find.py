@@ -1,4 +1,4 @@
-"""Lightning's tuners on the configured run: `transfer lr-find` and trainer.auto_batch_size=true.
+"""`transfer lr-find`: Lightning's learning-rate finder on the configured run.
 
 The LR range test trains from the run's starting weights for `num_training` steps while the LR grows
 exponentially from min_lr to max_lr, then restores the weights; the suggestion is the LR where the loss fell
@@ -140,17 +140,3 @@ def lr_find_command(args: list[str]) -> None:
         return
     print(f"suggested learning rate: {result.suggestion:.3g}")
     print(f"use it with: transfer train {' '.join(overrides + [result.override])}".rstrip())
-
-
-def scale_batch_size(run: Any) -> int:
-    """trainer.auto_batch_size: Lightning's Tuner doubles data.batch_size until a step runs out of memory (or
-    the batch holds the whole training set), and the run continues with the largest that fit."""
-    from pytorch_lightning.tuner import Tuner
-
-    found = Tuner(run.trainer).scale_batch_size(run.module, datamodule=run.datamodule, mode="power")
-    if found is None:  # fast_dev_run: Lightning skips the search
-        return int(run.datamodule.batch_size)
-    if run.cfg.data.eval_batch_size == 2 * run.cfg.data.batch_size:  # the default relation: it follows the batch
-        run.datamodule.eval_batch_size = 2 * found
-    log.info("auto batch size: data.batch_size=%d", found)
-    return int(found)
