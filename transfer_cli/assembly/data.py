@@ -11,6 +11,7 @@ import torch
 
 from transfer_cli.assembly.model import compile_mode
 from transfer_cli.assembly.sources import SOURCES, discover  # noqa: F401 - re-exported: the data builders
+from transfer_cli.config.resolve import eval_batch_size
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.datamodule import ImageDataModule
 from transfer_cli.data.feature_store import FeatureStore
@@ -31,8 +32,7 @@ _HEAD_ONLY_KEYS = ("head_hidden_dim", "head_dropout")
 
 def loader_settings(cfg: TrainConfig) -> LoaderSettings:
     data = cfg.data
-    assert data.eval_batch_size is not None, "resolve_run fills it"
-    return LoaderSettings(batch_size=int(data.batch_size), eval_batch_size=int(data.eval_batch_size),
+    return LoaderSettings(batch_size=int(data.batch_size), eval_batch_size=eval_batch_size(data),
                           num_workers=resolve_num_workers(data.num_workers), sampler=data.sampler, seed=int(cfg.seed),
                           static_shapes=compile_mode(cfg.trainer.compile) is not None)
 

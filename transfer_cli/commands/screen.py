@@ -128,7 +128,8 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
 
     from transfer_cli.assembly.data import discover, feature_pass, image_data
     from transfer_cli.assembly.model import build_model
-    from transfer_cli.config.compose import as_schema, compose, own_data_defaults
+    from transfer_cli.config.compose import compose, own_data_defaults
+    from transfer_cli.config.resolve import resolve_run
     from transfer_cli.inference import autocast_for, pick_device
     from transfer_cli.training.losses import class_weights
     from transfer_cli.training.probe_head import fit_probe_on_splits
@@ -142,7 +143,7 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
         for crop, size, interpolation in itertools.product(crop_pcts, image_sizes, interpolations):
             variant = _variant_overrides(crop, size, interpolation)
             named = ((f"model.backbone={backbone}",) if backbone is not None else ()) + variant
-            cfg = as_schema(compose([*base, *FIXED, *named]))
+            cfg = resolve_run(compose([*base, *FIXED, *named]))
             if splits is None:
                 splits = discover(cfg.data, cfg.task)
                 log.info("data: %s", splits.source_desc)

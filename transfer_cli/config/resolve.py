@@ -36,6 +36,13 @@ def replace_at(cfg: T, values: Mapping[str, Any]) -> T:
     return dataclasses.replace(cfg, **top)  # type: ignore[type-var]
 
 
+def eval_batch_size(data: Any) -> int:
+    """data.eval_batch_size, or twice data.batch_size: no gradients are kept when evaluating, so twice the training
+    batch fits where the batch does. resolve_run writes it into the run's config; a TrainConfig built by hand (the
+    library tests) gets the same rule here."""
+    return int(data.eval_batch_size or 2 * data.batch_size)
+
+
 def _absolute(path: Optional[str]) -> Optional[str]:
     """`path` from the folder the command ran in, `~` expanded; symlinks kept as the user named them."""
     return None if path is None else os.path.abspath(os.path.expanduser(path))
@@ -58,9 +65,8 @@ def resolve_run(cfg: Any, run_dir: Optional[Path] = None) -> TrainConfig:
         "data.root": _absolute(typed.data.root),
         "data.csv": _absolute(typed.data.csv),
         "transfer.cache_dir": _absolute(typed.transfer.cache_dir),
-        # no gradients are kept when evaluating, so twice the training batch fits where the batch does
-        "data.eval_batch_size": typed.data.eval_batch_size or 2 * typed.data.batch_size,
+        "data.eval_batch_size": eval_batch_size(typed.data),
     })
 
 
-__all__ = ["replace_at", "resolve_run"]
+__all__ = ["eval_batch_size", "replace_at", "resolve_run"]
