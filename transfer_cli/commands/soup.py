@@ -40,6 +40,7 @@ OPTIONS = {
 # How the val images are read and where it runs; not which images (the members' own val split).
 OVERRIDES = ("data.eval_batch_size", "data.num_workers", "trainer.accelerator", "trainer.precision",
              "trainer.channels_last")
+_KEPT = ("state_dict", "transfer", "epoch", "global_step", "pytorch-lightning_version")
 # model.* keys that do not change the weights' meaning
 _FREE_MODEL_KEYS = ("head_dropout",)
 
@@ -60,18 +61,20 @@ class _Member:
 
 
 def _read(refs: Sequence[Path]) -> list[_Member]:
-    from transfer_cli.resume.checkpoints import checkpoint_meta, read_checkpoint, resolve_checkpoint
+    from transfer_cli.resume.checkpoints import checkpoint_meta, forget_checkpoint, read_checkpoint, resolve_checkpoint
     from transfer_cli.training.finite import check_weights
 
     out = []
     for ref in refs:
         path = resolve_checkpoint(ref)
-        ckpt = dict(read_checkpoint(path))  # a shallow copy: read_checkpoint remembers one file at a time
+        ckpt = read_checkpoint(path)
         checkpoint_meta(ckpt, path)
         if "state_dict" not in ckpt:
             raise TransferError(f"{path} holds no state_dict", "pass checkpoints written by `transfer train`")
         check_weights(ckpt["state_dict"], str(path))
-        out.append(_Member(ref, path, ckpt))
+        # the weights and our block only: optimizer states and loop counters are not souped
+        out.append(_Member(ref, path, {k: ckpt[k] for k in _KEPT if k in ckpt}))
+    forget_checkpoint()
     return out
 
 
