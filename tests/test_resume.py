@@ -99,6 +99,10 @@ EXACT_CASES = {
     # gradual unfreezing stopped in the middle of epoch 2 (step 10), after two milestones: the resumed half epoch
     # must train the stages thawed by then, with their BatchNorm in train mode
     "gradual_unfreeze-after_milestones": (["transfer=gradual_unfreeze", "augmentation=light"], {"step": 10}),
+    # stochastic weight averaging from epoch 1, stopped in the middle of epoch 2 (step 10): the average of the epochs
+    # before the stop and the raw weights both come back (training/swa.py)
+    "swa-mid_epoch": (["transfer=fine_tune", "augmentation=light", "callbacks.swa=true", "callbacks.swa_start=0.25"],
+                      {"step": 10}),
 }
 
 

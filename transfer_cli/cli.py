@@ -73,6 +73,12 @@ def _explain(args: list[str]) -> None:
     explain_command(args)
 
 
+def _soup(args: list[str]) -> None:
+    from transfer_cli.commands.soup import soup_command
+
+    soup_command(args)
+
+
 def _push(args: list[str]) -> None:
     from transfer_cli.commands.hub import push_command
 
@@ -118,15 +124,17 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
                "model.backbone=a,b,c [data overrides] [crop_pct=own,1.0] [image_size=own,...] "
                "[interpolation=own,...] [output=DIR]", _screen),
     "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json, "
-             "misclassified.csv, top_losses.png ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] "
+             "misclassified.csv, top_losses.png ckpt=<run dir|.ckpt|[a,b,...]> [split=test|val|train|all] [output=DIR] "
              "[top_losses=16] [cam=0] [data.*=...] [eval.tta=...]", _eval),
     "explain": ("Grad-CAM overlays: where the network looks ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=DIR] "
                 "[target=<class>] [layer=<module>]", _explain),
     "predict": ("predict images with a checkpoint or an exported ONNX file: one CSV row per image "
-                "ckpt=<run dir|.ckpt|model.onnx|export dir> "
+                "ckpt=<run dir|.ckpt|[a,b,...]|model.onnx|export dir> "
                 "input=<image|dir|csv> [output=predictions.csv] [topk=3]", _predict),
     "export": ("export a checkpoint with its preprocessing and class names, checked against PyTorch "
-               "ckpt=<run dir|.ckpt> format=onnx|torchscript|timm [output=FILE] [rtol=...] [atol=...]", _export),
+               "ckpt=<run dir|.ckpt|[a,b,...]> format=onnx|torchscript|timm [output=FILE] [rtol=...] [atol=...]", _export),
+    "soup": ("average the weights of runs from one start into one checkpoint, uniformly or greedily on val "
+             "ckpt=[a,b,...] [method=uniform|greedy] [output=DIR]", _soup),
     "push": ("export format=timm and upload it to the Hugging Face Hub ckpt=<run dir|.ckpt> repo=<user>/<name> "
              "[private=false] [license=...]", _push),
 }

@@ -1,8 +1,8 @@
 """Extra Lightning callbacks and loggers named on the command line as `_target_` nodes, the escape hatch
 lightning-hydra-template users expect:
 
-    transfer train +callbacks.extra.swa._target_=pytorch_lightning.callbacks.StochasticWeightAveraging \
-        +callbacks.extra.swa.swa_lrs=1e-4
+    transfer train +callbacks.extra.timer._target_=pytorch_lightning.callbacks.Timer \
+        +callbacks.extra.timer.duration=00:12:00:00
     transfer train +logger.extra.tb._target_=pytorch_lightning.loggers.TensorBoardLogger +logger.extra.tb.save_dir=tb
 
 Each node is instantiated by Hydra's own `instantiate`, beside the callbacks and loggers the config groups build.

@@ -26,6 +26,7 @@ from transfer_cli.tracking.trackers import (
     TrackerContext, TrackerStart, build_trackers, enabled_trackers, flatten, read_runs,
 )
 from transfer_cli.training.ema import EMA
+from transfer_cli.training.swa import SWA
 
 # trainer.* keys that are ours, not arguments of pl.Trainer: applied to the network (assembly/model.py), or the
 # Tuner's batch-size search (train.py)
@@ -144,6 +145,8 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, validate: bool = True,
         ) from e
     if cfg.callbacks.ema:  # built now that the device is known: the average lives where the weights train
         add_callbacks(trainer, EMA(decay=cfg.callbacks.ema_decay, device=trainer.strategy.root_device))
+    if cfg.callbacks.swa:
+        add_callbacks(trainer, SWA(start=cfg.callbacks.swa_start, device=trainer.strategy.root_device))
     return trainer
 
 

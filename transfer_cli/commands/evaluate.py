@@ -1,9 +1,10 @@
-"""`transfer eval ckpt=<run dir|.ckpt> [split=test|val|train|all] [output=DIR] [data.*=...] [eval.tta=...]`.
+"""`transfer eval ckpt=<run dir|.ckpt|[a,b]|ensemble folder> [split=test|val|train|all] [output=DIR] [data.*=...]`.
 
 Scores a trained checkpoint on labelled images: the run's own test split (else val) by default, or any data the
 overrides point at (data.root=..., data=csv data.csv=...). Writes eval_report.json and confusion_matrix.png and
 prints the metrics. The network, classes and preprocessing come from the checkpoint; the metric definitions
 are the trainer's (training/metrics.py), so `acc` here is the number the trainer logged for the same images.
+An ensemble (commands/ensemble.py) is scored on its members' mean probabilities, each member also on its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from transfer_cli.atomic import atomic_write_json
-from transfer_cli.config.args import COUNT, Option, parse_command_args
+from transfer_cli.config.args import CHECKPOINTS, COUNT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir
 
@@ -24,7 +25,8 @@ log = logging.getLogger("transfer_cli")
 REPORT_NAME = "eval_report.json"
 SPLIT_CHOICES = ("test", "val", "train", "all")
 OPTIONS = {
-    "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
+    "ckpt": Option(CHECKPOINTS, required=True, help="a run dir, a .ckpt file, [a,b,...] (an ensemble) or a folder with "
+                   "ensemble.json", example="outputs/<name>/<date>_<time>"),
     "split": Option(str, None, help="the split to score (default: test if the data has one, else val)",
                     choices=SPLIT_CHOICES),
     "output": Option(str, None, help="folder for the report (default: <run dir>/eval)", example="eval_out"),
@@ -177,35 +179,84 @@ def _mistakes(restored: Any, logits: Any, targets: Any, matrix: Any, paths: list
     return out
 
 
-def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None = None,
-             output: str | Path | None = None, top_losses: int = 16, cam: int = 0) -> dict:
-    """Score the checkpoint; returns the report (also written to <output>/eval_report.json)."""
+def _member_logits(restored: Any, split: str | None, bad_log: Path | None) -> tuple[Any, Any, Any, Any, str]:
+    """(logits, targets, image data, splits, the split the loader reads) of one checkpoint on its data config."""
     from transfer_cli.assembly.data import discover, image_data
-    from transfer_cli.commands.restore import restore
     from transfer_cli.inference import pick_device
+
+    cfg = restored.cfg
+    splits = _remap(discover(cfg.data, restored.task), restored.class_names)
+    splits, split_name = _choose_split(splits, split)
+    images = image_data(cfg, splits, restored.data_config, bad_log=bad_log, device=pick_device(cfg.trainer.accelerator))
+    logits, targets = collect_logits(restored, images, split_name)
+    return logits, targets, images, splits, split_name
+
+
+def _same_images(ensemble: Any, scored: list[tuple], split: str) -> None:
+    """Every member scored the same images with the same labels: members whose data configs split differently
+    (k-fold runs, whose val folds differ) are not averaged over their own, different splits."""
+    _, targets, images, _, split_name = scored[0]
+    samples = images.samples(split_name)
+    for ref, (_, other_targets, other_images, _, _) in zip(ensemble.spec.refs[1:], scored[1:]):
+        if other_images.samples(split_name) != samples or not other_targets.equal(targets):
+            raise TransferError(
+                f"the ensemble's members hold different {split} splits ({ensemble.spec.refs[0]} vs {ref}: their data "
+                "configs split the images differently, e.g. k-fold runs), so no image set is held out from all",
+                "evaluate a split they share (split=test), or point every member at the same held-out images: "
+                "data.root=<folder>")
+
+
+def evaluate(ckpt: Any, overrides: Sequence[str] = (), split: str | None = None,
+             output: str | Path | None = None, top_losses: int = 16, cam: int = 0) -> dict:
+    """Score the checkpoint (or the ensemble: commands/ensemble.py); returns the report (also written to
+    <output>/eval_report.json)."""
+    from transfer_cli.commands.members import members_of, single
     from transfer_cli.plots import CONFUSION_NAME, write_confusion_matrix, write_label_matrices
 
     started = time.time()
+    members = members_of(ckpt)
+    if members is not None and cam:
+        raise TransferError("cam= shows where one network looks; an ensemble averages several",
+                            "cam=0, or explain a member: transfer eval ckpt=<member run dir> cam=8")
     chosen_dir = output_dir(output) if output else None  # refused before any work
     if cam:  # before the checkpoint loads: a missing package should not cost a whole evaluation
         from transfer_cli.models.gradcam import require_gradcam
 
         require_gradcam()
-    restored = restore(ckpt, overrides)
+    if members is None:
+        from transfer_cli.commands.restore import restore
+
+        restored: Any = restore(single(ckpt), overrides)
+        each = [restored]
+        out_dir = chosen_dir or restored.run_dir / "eval"
+    else:
+        from transfer_cli.commands.ensemble import restore_ensemble
+        from transfer_cli.outputs import command_dir
+
+        restored = restore_ensemble(members, overrides)
+        each = restored.members
+        out_dir = chosen_dir or (members.folder / "eval" if members.folder else command_dir(None, "eval"))
     cfg, names = restored.cfg, restored.class_names
-    out_dir = chosen_dir or restored.run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = _remap(discover(cfg.data, restored.task), names)
-    splits, split_name = _choose_split(splits, split)
     bad_log = out_dir / "bad_images.txt"
     bad_log.unlink(missing_ok=True)  # this evaluation's list, not an earlier one's
-    images = image_data(cfg, splits, restored.data_config, bad_log=bad_log, device=pick_device(cfg.trainer.accelerator))
-    logits, targets = collect_logits(restored, images, split_name)
+    scored = [_member_logits(m, split, bad_log if i == 0 else None) for i, m in enumerate(each)]
+    logits, targets, images, splits, split_name = scored[0]
     multilabel = restored.task == "multilabel"
     metric_fn = _multilabel_metrics if multilabel else _multiclass_metrics
+    ensemble_block = None
+    if members is not None:
+        _same_images(restored, scored, split or split_name)
+        logits = restored.logits([s[0] for s in scored])
+        ensemble_block = {"source": members.source, "how": restored.describe(),
+                          "members": [{**restored.member_record(i), "tta": str(m.cfg.eval.tta),
+                                       "metrics": metric_fn(m.cfg, scored[i][0], targets, names)[0]}
+                                      for i, m in enumerate(each)]}
+        log.info("%s", restored.describe())
     metrics, per_class, matrix = metric_fn(cfg, logits, targets, names)
 
-    title = f"{Path(restored.checkpoint).name} on {split or split_name} ({len(targets)} images)"
+    what = Path(restored.checkpoint).name if members is None else f"ensemble of {len(each)}"
+    title = f"{what} on {split or split_name} ({len(targets)} images)"
     png = out_dir / CONFUSION_NAME
     if multilabel:
         write_label_matrices(matrix, names, png, title)
@@ -213,7 +264,7 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
         write_confusion_matrix(matrix, names, png, title)
     report = {
         "checkpoint": str(restored.checkpoint),
-        "run_dir": str(restored.run_dir),
+        "run_dir": None if restored.run_dir is None else str(restored.run_dir),
         "data": splits.source_desc,
         "split": split or split_name,
         "num_images": int(len(targets)),
@@ -222,6 +273,7 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
         "tta": str(cfg.eval.tta),
         "class_names": names,
         "metrics": metrics,
+        **({"ensemble": ensemble_block} if ensemble_block else {}),
         "per_class": per_class,
         # multiclass: rows = true class, columns = predicted; multilabel: per label [[TN, FP], [FN, TP]]
         "confusion_matrix": matrix,
@@ -237,6 +289,8 @@ def evaluate(ckpt: str | Path, overrides: Sequence[str] = (), split: str | None 
 
         report["calibration"] = calibration_section(stored_calibration(restored), logits, targets,
                                                     cfg.calibration.bins, out_dir, title)
+        if members is not None:  # the mean of calibrated members: nothing left to apply
+            report["calibration"]["member_temperatures"] = restored.temperatures()
     report_path = atomic_write_json(out_dir / REPORT_NAME, report)
     report["report"] = str(report_path)
     return report
@@ -257,7 +311,8 @@ def print_report(report: dict) -> None:
     cal = report.get("calibration")
     if cal:
         after = f" -> {cal['ece_after']:.4f} at T = {cal['temperature']:.4f}" if cal["stored"] else \
-            " (the checkpoint holds no temperature)"
+            " (the mean of the members' probabilities, each at its own temperature)" \
+            if "member_temperatures" in cal else " (the checkpoint holds no temperature)"
         head.add_row("ECE", f"{cal['ece_before']:.4f}{after}")
         at = cal.get("at_threshold")
         if at:
@@ -268,6 +323,15 @@ def print_report(report: dict) -> None:
         head.add_row("unreadable", f"{len(report['bad_images'])} (skipped; listed in the report)")
     head.add_row("checkpoint", report["checkpoint"])
     console.print(head)
+    if "ensemble" in report:
+        members = Table(title=report["ensemble"]["how"], title_style="bold")
+        keys = list(report["metrics"])
+        for col in ["member", "weight", *keys]:
+            members.add_column(col, justify="left" if col == "member" else "right", overflow="fold")
+        for m in report["ensemble"]["members"]:
+            members.add_row(m["checkpoint"], f"{m['weight']:.3f}",
+                            *[f"{m['metrics'][k]:.4f}" if k in m["metrics"] else "-" for k in keys])
+        console.print(members)
     per = Table(title="per class", title_style="bold")
     columns = ["class", "precision", "recall", "f1"] + (["ap"] if report["task"] == "multilabel" else []) + ["support"]
     for col in columns:

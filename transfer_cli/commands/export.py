@@ -1,10 +1,13 @@
-"""`transfer export ckpt=<run dir|.ckpt> format=onnx|torchscript [output=FILE] [rtol=..] [atol=..]`.
+"""`transfer export ckpt=<run dir|.ckpt|[a,b]|ensemble folder> format=onnx|torchscript [output=FILE] [rtol=..] [atol=..]`.
 
 Writes the trained network (input: normalized NCHW float32 images, any batch size; output: logits) with the
 preprocessing a caller must apply and the class names: inside the file (ONNX metadata_props; TorchScript
 extra file `transfer.json`) and in a sidecar `<output>.json`. Then runs the exported file (onnxruntime;
 torch.jit.load) and PyTorch on the same sample batches and fails unless every logit is within
 atol + rtol * |logit| of PyTorch's (numpy.allclose; commands/check_inputs.py says why not atol alone).
+
+An ensemble (commands/ensemble.py) whose members share one preprocessing exports as one graph whose output,
+`probabilities`, is the weighted mean of the members' probabilities at their temperatures (models/ensemble.py).
 
 ONNX goes through torch.onnx.export's default exporter (torch.export based, needs onnxscript); a network it
 cannot capture falls back to the TorchScript-based exporter, with a warning. Either way the check decides.
@@ -31,7 +34,7 @@ from transfer_cli.commands.check_inputs import (
     compare,
     sample_inputs,
 )
-from transfer_cli.config.args import Option, parse_command_args
+from transfer_cli.config.args import CHECKPOINTS, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir, output_file
 
@@ -42,7 +45,8 @@ DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 METADATA_FILE = "transfer.json"  # the TorchScript extra file; the ONNX metadata_props key is "transfer"
 INPUT_NAME, OUTPUT_NAME = onnx_model.INPUT_NAME, onnx_model.OUTPUT_NAME
 OPTIONS = {
-    "ckpt": Option(str, required=True, help="a run dir or a .ckpt file", example="outputs/<name>/<date>_<time>"),
+    "ckpt": Option(CHECKPOINTS, required=True, help="a run dir, a .ckpt file, [a,b,...] or a folder with ensemble.json",
+                   example="outputs/<name>/<date>_<time>"),
     "format": Option(str, "onnx", help="onnx, torchscript or timm", choices=FORMATS),
     "output": Option(str, None, help="the file to write (default: <run dir>/export/model.onnx; a folder: "
                      "<folder>/model.onnx; timm: a folder, default <run dir>/export/timm)", example="model.onnx"),
@@ -108,10 +112,11 @@ def export_onnx(model: Any, example: Any, path: Path, metadata: dict) -> str:
     onnx_model.require_onnxruntime("onnx", "onnxscript")
     props = {onnx_model.METADATA_KEY: json.dumps(metadata), "class_names": json.dumps(metadata["class_names"]),
              **{k: json.dumps(metadata[k]) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "task")}}
+    output = str(metadata.get("output_name") or OUTPUT_NAME)
     # One file unless the weights are past protobuf's 2 GB limit (then ONNX needs an external data file).
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[output],
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), external_data=big,
                                     verbose=False)
         program.model.metadata_props.update(props)
@@ -125,7 +130,7 @@ def export_onnx(model: Any, example: Any, path: Path, metadata: dict) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                          output_names=[output], dynamic_axes={INPUT_NAME: {0: "batch"}, output: {0: "batch"}})
     proto = onnx.load(str(path))
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -158,14 +163,24 @@ def run_torchscript(path: Path, inputs: Any) -> tuple[Any, dict]:
 
 def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = None, rtol: float = RTOL,
            atol: float = ATOL, licence: str | None = None) -> ExportResult:
+    from transfer_cli.commands.members import members_of, single
+
     if format not in FORMATS:
         raise TransferError(f"format={format} is not one of {', '.join(FORMATS)}", "format=onnx")
+    members = members_of(ckpt)
+    if members is not None and format == "timm":
+        raise TransferError("format=timm holds one timm model, and an ensemble is several networks",
+                            "average same-start runs into one checkpoint and export that (transfer soup ckpt=[...] "
+                            "output=<dir>, then transfer export ckpt=<dir> format=timm), or export the ensemble as "
+                            "format=onnx|torchscript")
     if format == "onnx":
         onnx_model.require_onnxruntime("onnx", "onnxscript")  # before torch and the checkpoint load
     from transfer_cli.commands.restore import restore
     from transfer_cli.resume.checkpoints import resolve_checkpoint, run_dir_of
 
-    source = resolve_checkpoint(ckpt)
+    if members is not None:
+        return _export_ensemble(members, format, output, rtol, atol)
+    source = resolve_checkpoint(single(ckpt))
     if format == "timm":
         from transfer_cli.commands.hub import export_timm
 
@@ -181,14 +196,50 @@ def export(ckpt: str | Path, format: str = "onnx", output: str | Path | None = N
     return export_restored(restore(source), format, path, rtol, atol)
 
 
+def _export_ensemble(members: Any, format: str, output: str | Path | None, rtol: float, atol: float) -> ExportResult:
+    """One graph of the members (models/ensemble.py EnsembleNet), refused unless they share the preprocessing; by
+    default in <ensemble folder>/export/, or for a list in a new outputs/export/<date>_<time>/."""
+    from transfer_cli.commands.ensemble import restore_ensemble, shared_preprocessing
+    from transfer_cli.models.ensemble import EnsembleNet
+    from transfer_cli.outputs import command_dir
+    from transfer_cli.resume.checkpoints import resolve_checkpoint
+
+    name = DEFAULT_NAMES[format]
+    sources = [resolve_checkpoint(ref) for ref in members.refs]
+    if output:  # before any work, as for one checkpoint
+        path = output_file(output, name, inputs=sources, ours=lambda p: p.with_name(p.name + ".json").is_file())
+    ensemble = restore_ensemble(members)
+    shared_preprocessing(ensemble)
+    if not output:
+        folder = members.folder / "export" if members.folder else command_dir(None, "export")
+        path = output_file(folder / name, name, ours=lambda p: p.with_name(p.name + ".json").is_file())
+    temperatures = ensemble.temperatures()
+    network = EnsembleNet([m.model.float().eval() for m in ensemble.members], ensemble.task, temperatures,
+                          ensemble.weights).eval()
+    metadata = {**export_metadata(ensemble.members[0]),
+                "output_name": onnx_model.PROBABILITIES_NAME,
+                "output": f"probabilities: {ensemble.describe()}"
+                + ("; a label is predicted at multilabel_threshold" if ensemble.task == "multilabel" else ""),
+                "calibration": None,  # the members' temperatures are inside the graph
+                "backbone": [m.meta.get("backbone") for m in ensemble.members],
+                "checkpoint": [str(m.checkpoint) for m in ensemble.members],
+                "ensemble": {"source": members.source, "weights": ensemble.weights, "temperatures": temperatures}}
+    return export_network(network, metadata, format, path, rtol, atol)
+
+
 def export_restored(restored: Any, format: str, path: Path, rtol: float = RTOL, atol: float = ATOL) -> ExportResult:
     """Write `restored`'s network (commands/restore.py) to `path` as onnx or torchscript, checked against PyTorch;
     `path` was already vetted (export does it before restoring)."""
+    return export_network(restored.model.float().eval(), export_metadata(restored), format, path, rtol, atol)
+
+
+def export_network(model: Any, metadata: dict, format: str, path: Path, rtol: float = RTOL,
+                   atol: float = ATOL) -> ExportResult:
+    """Write `model` (in eval mode, float32) with `metadata` to the vetted `path`, checked against PyTorch."""
     import torch
 
-    model = restored.model.float().eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = export_metadata(restored)
+    metadata = dict(metadata)
     write, run = (export_onnx, onnx_model.run) if format == "onnx" else (export_torchscript, run_torchscript)
     # Written under a temporary name and checked there; only a file that passed takes the name (atomically), so
     # an earlier export stays whole until its replacement is known to be right.
@@ -228,4 +279,4 @@ def export_command(args: list[str]) -> None:
     print(f"checked {result.agreement.line()}")
 
 
-__all__ = ["export", "export_restored", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]
+__all__ = ["export", "export_restored", "export_network", "export_command", "export_metadata", "ExportResult", "FORMATS", "OPTIONS"]

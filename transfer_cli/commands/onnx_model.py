@@ -19,6 +19,7 @@ from transfer_cli.errors import TransferError
 log = logging.getLogger("transfer_cli")
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+PROBABILITIES_NAME = "probabilities"  # the output of an exported ensemble: its members' mean probabilities
 METADATA_KEY = "transfer"  # the metadata_props entry holding the whole sidecar as JSON
 DEFAULT_FILE = "model.onnx"
 EXPORT_EXTRA = 'pip install "transfer-cli[export]"  (or: pip install onnx onnxscript onnxruntime)'
@@ -110,13 +111,14 @@ def load(path: Path, accelerator: str = "cpu") -> tuple[Any, dict]:
     return session, metadata
 
 
-def forward_of(session: Any) -> Callable[[Any], Any]:
-    """The session as a function of a float32 NCHW torch tensor to its logits, for inference.infer."""
+def forward_of(session: Any, output_name: str = OUTPUT_NAME) -> Callable[[Any], Any]:
+    """The session as a function of a float32 NCHW torch tensor to its output (`output_name`: logits, or an
+    ensemble's probabilities), for inference.infer."""
     import torch
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         array = images.detach().float().cpu().contiguous().numpy()  # channels_last or not: ONNX takes NCHW
-        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
+        return torch.from_numpy(session.run([output_name], {INPUT_NAME: array})[0])
 
     return forward
 
@@ -124,8 +126,8 @@ def forward_of(session: Any) -> Callable[[Any], Any]:
 def run(path: Path, inputs: Any) -> tuple[Any, dict]:
     """(outputs, the file's metadata) from onnxruntime on the CPU: the export's check."""
     session, embedded = open_session(path)
-    return session.run([OUTPUT_NAME], {INPUT_NAME: inputs.numpy()})[0], embedded
+    return session.run(None, {INPUT_NAME: inputs.numpy()})[0], embedded  # the one output, logits or probabilities
 
 
 __all__ = ["find_onnx", "require_onnxruntime", "read_sidecar", "sidecar_of", "providers_for", "open_session", "load",
-           "forward_of", "run", "INPUT_NAME", "OUTPUT_NAME", "EXPORT_EXTRA", "DEFAULT_FILE"]
+           "forward_of", "run", "INPUT_NAME", "OUTPUT_NAME", "PROBABILITIES_NAME", "EXPORT_EXTRA", "DEFAULT_FILE"]

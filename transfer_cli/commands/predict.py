@@ -1,4 +1,4 @@
-"""`transfer predict ckpt=<run dir|.ckpt|.onnx|export dir> input=<image|dir|csv> [output=predictions.csv] [topk=3]`.
+"""`transfer predict ckpt=<run dir|.ckpt|[a,b]|ensemble folder|.onnx|export dir> input=<image|dir|csv> [topk=3]`.
 
 One CSV row per input image: path, label, probability, the top-k labels with their probabilities, and `error`,
 which is empty unless the image could not be read (such images get a row, a warning lists them, and the
@@ -6,7 +6,8 @@ others are still predicted). Preprocessing and eval.tta are the checkpoint's, as
 
 An ONNX file of `transfer export` (or the folder holding its model.onnx) runs on onnxruntime instead of PyTorch,
 with the preprocessing and class names exported with it, through the same reader, loop and CSV; it is the plain
-network, so eval.tta does not apply (commands/onnx_model.py).
+network, so eval.tta does not apply (commands/onnx_model.py). An ensemble (commands/ensemble.py) writes the mean of
+its members' probabilities.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from transfer_cli.commands.onnx_model import (
     read_sidecar,
     require_onnxruntime,
 )
-from transfer_cli.config.args import BOOL, POSITIVE_INT, Option, parse_command_args
+from transfer_cli.config.args import BOOL, CHECKPOINTS, POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_file
 
@@ -33,7 +34,8 @@ log = logging.getLogger("transfer_cli")
 DEFAULT_NAME = "predictions.csv"
 
 OPTIONS = {
-    "ckpt": Option(str, required=True, help="a run dir, a .ckpt file, an exported .onnx file or its folder",
+    "ckpt": Option(CHECKPOINTS, required=True, help="a run dir, a .ckpt file, [a,b,...] or a folder with ensemble.json "
+                   "(an ensemble), an exported .onnx file or its folder",
                    example="outputs/<name>/<date>_<time>"),
     "input": Option(str, required=True, help="an image, a folder of images, or a CSV with a path column",
                     example="images/"),
@@ -117,18 +119,34 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
             overrides: Sequence[str] = (), calibrated: bool = True) -> PredictResult:
     """Predict every image of `source` with the checkpoint (or exported ONNX file) and write the CSV `output`;
     `calibrated`: with the temperature and binary decision threshold fitted on val, where the model holds them."""
-    onnx_path = find_onnx(ckpt)
+    from transfer_cli.commands.members import members_of, single
+
+    members = members_of(ckpt)
+    ckpt = single(ckpt)
+    onnx_path = find_onnx(ckpt) if members is None else None
     if onnx_path is not None:
         check_onnx_arguments(onnx_path, overrides)  # before torch loads
     paths = list_inputs(source)
     output = output_file(output, DEFAULT_NAME, inputs=[source, *paths], ours=_is_predictions)  # before any work
     if onnx_path is not None:
         return _predict_onnx(onnx_path, paths, output, topk, overrides, calibrated)
+    if members is not None:
+        return _predict_ensemble(members, paths, output, topk, overrides, calibrated)
+    from transfer_cli.commands.calibration_report import stored_calibration
     from transfer_cli.commands.restore import restore
+
+    restored = restore(ckpt, overrides)
+    logits, positions, unreadable = _checkpoint_logits(restored, paths)
+    return _write_predictions(paths, logits, positions, unreadable, restored.class_names, restored.task,
+                              restored.threshold, topk, output, stored_calibration(restored, calibrated))
+
+
+def _checkpoint_logits(restored: Any, paths: list[str]) -> tuple[Any, Any, list[tuple[str, str]]]:
+    """(logits, positions in `paths`, unreadable (path, reason)) of a restored checkpoint, with its preprocessing,
+    eval.tta, precision and layout."""
     from transfer_cli.inference import autocast_for, infer, pick_device, place_model
     from transfer_cli.training.tta import tta_forward
 
-    restored = restore(ckpt, overrides)
     cfg = restored.cfg
     loader, unreadable, prepare = input_batches(restored, paths)  # every unreadable input gets its row
     device = pick_device(cfg.trainer.accelerator)
@@ -137,10 +155,25 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
     logits, positions = infer(tta_forward(model, cfg.eval.tta, cfg.eval.multicrop_fraction), loader,
                               device=device, autocast=autocast_for(device, cfg.trainer.precision),
                               channels_last=channels_last, prepare=prepare)
-    from transfer_cli.commands.calibration_report import stored_calibration
+    return logits, positions, unreadable.items
 
-    return _write_predictions(paths, logits, positions, unreadable.items, restored.class_names, restored.task,
-                              restored.threshold, topk, output, stored_calibration(restored, calibrated))
+
+def _predict_ensemble(members: Any, paths: list[str], output: Path, topk: int, overrides: Sequence[str],
+                      calibrated: bool) -> PredictResult:
+    """predict with several checkpoints (commands/ensemble.py): each member reads the images its own way, and the
+    CSV holds the mean of their (calibrated) probabilities; the decision is the most probable class."""
+    from transfer_cli.commands.ensemble import restore_ensemble
+
+    ensemble = restore_ensemble(members, overrides)
+    outputs = [_checkpoint_logits(m, paths) for m in ensemble.members]
+    _, positions, unreadable = outputs[0]
+    if any(not p.equal(positions) for _, p, _ in outputs[1:]):  # an unreadable file is unreadable for every member
+        raise RuntimeError("the ensemble's members read different images")
+    logits = ensemble.logits([z for z, _, _ in outputs], calibrated) if len(positions) else outputs[0][0]
+    how = None if ensemble.task == "multilabel" else {
+        "temperature": ";".join(f"{t:.6g}" for t in ensemble.temperatures(calibrated)), "decision": "argmax"}
+    return _write_predictions(paths, logits, positions, unreadable, ensemble.class_names, ensemble.task,
+                              ensemble.threshold, topk, output, how=how, describe_as=ensemble.describe(calibrated))
 
 
 def check_onnx_arguments(path: Path, overrides: Sequence[str]) -> None:
@@ -160,7 +193,7 @@ def _predict_onnx(path: Path, paths: list[str], output: Path, topk: int, overrid
     """predict on onnxruntime: the loader settings are the schema's defaults with `overrides` applied."""
     import torch
 
-    from transfer_cli.commands.onnx_model import forward_of, load
+    from transfer_cli.commands.onnx_model import OUTPUT_NAME, PROBABILITIES_NAME, forward_of, load
     from transfer_cli.commands.restore import apply_overrides
     from transfer_cli.config.resolve import resolve_run
     from transfer_cli.config.schema import structured_schema
@@ -173,12 +206,27 @@ def _predict_onnx(path: Path, paths: list[str], output: Path, topk: int, overrid
                                                                                               cfg.multilabel_threshold)
     log.info("predicting with %s on onnxruntime (%s)", path, ", ".join(session.get_providers()))
     loader, unreadable, prepare = image_batches(paths, metadata, cfg)
-    logits, positions = infer(forward_of(session), loader, device=torch.device("cpu"), prepare=prepare)
+    output_name = str(metadata.get("output_name") or OUTPUT_NAME)
+    outputs, positions = infer(forward_of(session, output_name), loader, device=torch.device("cpu"), prepare=prepare)
     task = str(metadata.get("task") or "multiclass")
+    names = list(metadata["class_names"])
+    if output_name == PROBABILITIES_NAME:  # an exported ensemble: its members' temperatures are inside the graph
+        from transfer_cli.models.ensemble import as_logits
+
+        if not calibrated:
+            raise TransferError(f"{path.name} is an exported ensemble: its graph applies the members' temperatures",
+                                "drop calibrated=false, or predict with the members' checkpoints: ckpt=[...] "
+                                "calibrated=false")
+        temps = (metadata.get("ensemble") or {}).get("temperatures") or []
+        how = None if task == "multilabel" else {"temperature": ";".join(f"{float(t):.6g}" for t in temps),
+                                                 "decision": "argmax"}
+        return _write_predictions(paths, as_logits(outputs, task) if len(positions) else outputs, positions,
+                                  unreadable.items, names, task, float(threshold), topk, output, how=how,
+                                  describe_as=f"an exported ensemble: {metadata.get('output')}")
     # the export's metadata carries the checkpoint's calibration: the network itself gives raw logits
     calibration = metadata.get("calibration") if calibrated and task != "multilabel" else None
-    return _write_predictions(paths, logits, positions, unreadable.items, list(metadata["class_names"]), task,
-                              float(threshold), topk, output, calibration)
+    return _write_predictions(paths, outputs, positions, unreadable.items, names, task, float(threshold), topk,
+                              output, calibration)
 
 
 def _key(override: str) -> str:
@@ -188,15 +236,16 @@ def _key(override: str) -> str:
 
 
 def _write_predictions(paths: list[str], logits: Any, positions: Any, bad: list[tuple[str, str]], names: list[str],
-                       task: str, threshold: float, topk: int, output: Path,
-                       calibration: dict | None = None) -> PredictResult:
+                       task: str, threshold: float, topk: int, output: Path, calibration: dict | None = None,
+                       how: dict | None = None, describe_as: str | None = None) -> PredictResult:
     """The CSV of one row per path, in input order: the decoded logits at `positions` (divided by the calibration's
-    temperature, decided by its threshold), `bad` ones with their error."""
+    temperature, decided by its threshold), `bad` ones with their error. An ensemble passes its mean as logits, no
+    calibration, `how` (its rows' temperature and decision columns) and `describe_as` (the log line)."""
     from transfer_cli.commands.calibration_report import decision_rule, describe
     from transfer_cli.training.predictions import decode_predictions
 
-    if task != "multilabel":
-        log.info("predict: %s", describe(calibration))
+    if task != "multilabel" or describe_as:
+        log.info("predict: %s", describe_as or describe(calibration))
     temperature = float(calibration["temperature"]) if calibration else 1.0
     rule = decision_rule(calibration)
     k = min(int(topk), len(names))
@@ -204,9 +253,10 @@ def _write_predictions(paths: list[str], logits: Any, positions: Any, bad: list[
     predictions = decode_predictions((logits.double() / temperature).float(), names, task, threshold,
                                      binary_rule=rule) if len(positions) else []
     # Every row says how its probabilities and label came about, so a CSV read alone cannot be misread.
-    how = {} if task == "multilabel" else {
-        "temperature": f"{temperature:.6g}",
-        "decision": "argmax" if rule is None else f"{names[rule[0]]} if p>={rule[1]:.6f}"}
+    if how is None:
+        how = {} if task == "multilabel" else {
+            "temperature": f"{temperature:.6g}",
+            "decision": "argmax" if rule is None else f"{names[rule[0]]} if p>={rule[1]:.6f}"}
     for index, pred in zip(positions.tolist(), predictions):
         rows[index] = {**_row(paths[index], pred, names, task, k), **how}
     position = {p: i for i, p in enumerate(paths)}

@@ -134,6 +134,13 @@ def build_model(cfg: TrainConfig, meta: dict, state_dict: dict, source: Path) ->
 
 def restore(ref: str | Path, overrides: Sequence[str] = (), prefer: str = "best") -> Restored:
     """The network and config of a run dir or .ckpt, with `overrides` (data.*, eval.*, ...) applied."""
+    from transfer_cli.commands.members import is_ensemble, single
+
+    ref = single(ref)
+    if is_ensemble(ref) or str(ref).lstrip().startswith("["):  # eval, predict and export take several (commands/ensemble.py); the others take one
+        raise TransferError(f"ckpt={ref} names several checkpoints (an ensemble); this command takes one",
+                            "pass one member's run dir or .ckpt, or average same-start runs into one checkpoint: "
+                            "transfer soup ckpt=[...]")
     path = resolve_checkpoint(ref, prefer=prefer)
     ckpt = read_checkpoint(path)
     meta = checkpoint_meta(ckpt, path)

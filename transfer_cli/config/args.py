@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from transfer_cli.config.overrides import override_key, take
+from transfer_cli.config.overrides import list_value, override_key, take
 from transfer_cli.errors import TransferError, close_matches
 
 
@@ -51,10 +51,21 @@ def _bool(text: str) -> bool:
     return value == "true"
 
 
+def _checkpoints(text: str) -> str | tuple[str, ...]:
+    """ckpt=: one run dir or .ckpt, or a Hydra list of them, `[runA,runB]` (an ensemble; commands/members.py)."""
+    items = list_value(f"ckpt={text}")
+    if items is None:
+        return text
+    if not items or any(isinstance(item, (list, dict)) for item in items):
+        raise ValueError(text)
+    return str(items[0]) if len(items) == 1 else tuple(str(item) for item in items)
+
+
 POSITIVE_INT = _positive_int
 BOOL = _bool  # true | false
 COUNT = _count  # 0, 1, 2, ...
 POSITIVE_FLOAT = _positive_float
+CHECKPOINTS = _checkpoints  # a run dir | .ckpt | [a,b,...] | a folder with ensemble.json
 
 
 ANY_OVERRIDE: Optional[Sequence[str]] = None  # override_prefixes for commands that compose a whole run config
@@ -153,4 +164,4 @@ def _example(options: dict[str, Option]) -> str:
 
 
 __all__ = ["Option", "parse_command_args", "expand_home", "take_run_dir", "POSITIVE_INT", "POSITIVE_FLOAT", "COUNT",
-           "BOOL", "ANY_OVERRIDE"]
+           "BOOL", "CHECKPOINTS", "ANY_OVERRIDE"]

@@ -76,6 +76,8 @@ def lbfgs_blockers(cfg: Any, cached: bool = True) -> list[str]:
         blockers.append(f"augmentation.label_smoothing={cfg.augmentation.label_smoothing} changes the loss")
     if cfg.callbacks.ema:
         blockers.append("callbacks.ema averages the weights of training steps")
+    if cfg.callbacks.swa:
+        blockers.append("callbacks.swa averages the weights of training epochs")
     return blockers
 
 
@@ -112,7 +114,7 @@ def check_values(cfg: Any) -> None:
         raise TransferError("transfer.head_solver=lbfgs solves a linear head on cached features, but "
                             + "; ".join(lbfgs_blockers(cfg)), "transfer.head_solver=sgd (or auto: the epoch loop "
                             "where the solver cannot apply), or a linear head: model.head_hidden_dim=0 model.head_dropout=0 "
-                            "augmentation.label_smoothing=0 callbacks.ema=false")
+                            "augmentation.label_smoothing=0 callbacks.ema=false callbacks.swa=false")
     if t.head_init == "probe" and m.head_hidden_dim > 0:
         raise TransferError(f"transfer.head_init=probe starts a linear head, but model.head_hidden_dim="
                             f"{m.head_hidden_dim} adds a hidden layer", "model.head_hidden_dim=0, or "
@@ -128,6 +130,16 @@ def check_values(cfg: Any) -> None:
               f"trainer.precision={matches[0] if matches else '32-true'} (or bf16-mixed, 16-mixed)")
     check_warmup(s)
     _targets("callbacks.extra", cb.extra)
+    if cb.ema and cb.swa:
+        raise TransferError("callbacks.ema and callbacks.swa both replace the weights that validation, checkpoints "
+                            "and the test see, each by its own average", "keep one: callbacks.ema=false or "
+                            "callbacks.swa=false")
+    for name, node in (cb.extra or {}).items():
+        if str(node["_target_"]).rsplit(".", 1)[-1] == "StochasticWeightAveraging":
+            raise TransferError(f"callbacks.extra.{name}: Lightning's StochasticWeightAveraging replaces the run's LR "
+                                "schedule, adds an epoch, and leaves best.ckpt and the test with the raw weights "
+                                "(training/swa.py says why)", f"callbacks.swa=true callbacks.swa_start=0.75 (and "
+                                f"scheduler=constant for SWA's constant LR), without +callbacks.extra.{name}")
     _targets("logger.extra", cfg.logger.extra)
     _monitor("callbacks.monitor", cb.monitor, cfg.task)
     _monitor("scheduler.monitor", s.monitor, cfg.task)

@@ -67,4 +67,14 @@ def parse(args: Sequence[str], fix: str = QUOTING_FIX) -> list[Any]:
         raise TransferError(f"could not parse the overrides: {str(e).splitlines()[0]}", fix) from None
 
 
-__all__ = ["QUOTING_FIX", "later_wins", "names", "override_key", "override_value", "parse", "take"]
+def list_value(arg: str) -> Optional[list]:
+    """The list that `key=[a,b,c]` gives in Hydra's grammar (quoting as for any override), or None when the value
+    is not a list; a syntax error is an error with the fix."""
+    value = override_value(arg)
+    if value is None or not value.lstrip().startswith("["):
+        return None
+    parsed = parse([arg])[0].value()
+    return parsed if isinstance(parsed, list) else None
+
+
+__all__ = ["QUOTING_FIX", "later_wins", "list_value", "names", "override_key", "override_value", "parse", "take"]

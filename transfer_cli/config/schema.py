@@ -255,6 +255,11 @@ class CallbacksConfig:
     ema: bool = key(False,
                     help='validate, test and save an exponential moving average of the weights (raw ones kept too)')
     ema_decay: float = key(0.999, within="(0, 1)")
+    swa: bool = key(False,
+                    help='stochastic weight averaging: validate, test and save the mean of the weights at the end of '
+                         'each epoch from callbacks.swa_start on (raw ones kept too); the LR follows the scheduler')
+    swa_start: float = key(0.75, within="[0, 1)",
+                           help='callbacks.swa: the first averaged epoch, as a fraction of trainer.max_epochs')
     checkpoint_every_n_steps: int = key(0, within="[0, inf)", example=500, resume=True,
                                         help='>0: also refresh last.ckpt every N optimizer steps (long epochs); 0: '
                                              'off')

@@ -21,7 +21,7 @@ from transfer_cli.config.overrides import later_wins, names, override_key, parse
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.resume.checkpoints import (
-    checkpoint_config, checkpoints_in, is_whole, read_checkpoint, resolve_checkpoint, run_dir_of,
+    CHECKPOINT_KEY, checkpoint_config, checkpoints_in, is_whole, read_checkpoint, resolve_checkpoint, run_dir_of,
 )
 
 log = logging.getLogger("transfer_cli")
@@ -33,6 +33,7 @@ RESUME_KEY = "resume"
 SAFE_ON_RESUME = tuple(dotted for dotted, _, spec in declared(TrainConfig) if spec.resume)
 # Only with resume=last: they pick the experiment whose newest run continues, and must match that run.
 SELECTORS = ("experiment", "name")
+SOUP_KEY = "soup"  # in the `transfer` block of a `transfer soup` checkpoint (commands/soup.py)
 
 
 @dataclass
@@ -155,6 +156,10 @@ def plan_resume(ref: str, overrides: list[str]) -> ResumePlan:
     run_ref = _select_run(ref, selectors)
     ckpt, content = load_resumable(run_ref)
     run_dir = run_dir_of(ckpt)
+    if isinstance(content.get(CHECKPOINT_KEY), dict) and SOUP_KEY in content[CHECKPOINT_KEY]:
+        raise TransferError(f"{ckpt} is a weight soup (transfer soup), not a run that stopped: it has no optimizer "
+                            "state or data position to continue from",
+                            f"start a new run from its weights: transfer train ... model.weights={shlex.quote(str(ckpt))}")
     for ov in parsed:
         key = ov.key_or_group
         if key == "logger":  # the group would replace every flag, also those the run was started with
