@@ -134,7 +134,8 @@ def registries():
     from transfer_cli.data.augment import PRESETS
     from transfer_cli.data.elpv import ELPV_CLASSES
     from transfer_cli.data.samplers import SAMPLERS
-    from transfer_cli.training.freezing import MODES
+    from transfer_cli.config.modes import MODES
+    from transfer_cli.training.freezing import NORM_MODES, RULES
     from transfer_cli.training.losses import CRITERIA
     from transfer_cli.training.metrics import TASK_METRICS
     from transfer_cli.training.optim import OPTIMIZERS
@@ -145,7 +146,7 @@ def registries():
     from transfer_cli.sweeps.tune import SAMPLERS as TUNE_SAMPLERS
     from transfer_cli.training.calibration import CRITERIA as THRESHOLD_CRITERIA
 
-    return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES),
+    return [("data.source", SOURCES), ("augmentation.name", PRESETS), ("transfer.mode", MODES), ("transfer.mode", RULES), ("transfer.bn", NORM_MODES),
             ("optimizer.name", OPTIMIZERS), ("scheduler.name", SCHEDULES), ("eval.tta", VIEWS),
             ("data.sampler", SAMPLERS), ("task", CRITERIA), ("task", TASK_METRICS),
             ("data.elpv_task", ELPV_CLASSES), ("trainer.compile", COMPILE_MODES), ("logger", TRACKERS),
@@ -174,6 +175,15 @@ def test_a_flag_group_option_switches_on_its_own_flag():
         assert both[flags[0]] is True and both[flags[-1]] is True
         for option in off:
             assert not any(compose([f"{group}={option}"])[group][f] for f in flags)
+
+
+def test_each_transfer_mode_is_one_record_with_its_option_and_its_recipe():
+    from transfer_cli.config.modes import MODES
+
+    for name, mode in MODES.items():
+        assert compose([f"transfer={name}"]).transfer.mode == name
+        assert mode.recipe in GROUPS["recipe"], f"configs/recipe/{mode.recipe}.yaml is missing"
+        assert mode.frozen_backbone is (name == "feature_extract")
 
 
 @pytest.mark.parametrize("key,group", [(k, g) for k, g in

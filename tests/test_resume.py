@@ -103,6 +103,9 @@ EXACT_CASES = {
     # before the stop and the raw weights both come back (training/swa.py)
     "swa-mid_epoch": (["transfer=fine_tune", "augmentation=light", "callbacks.swa=true", "callbacks.swa_start=0.25"],
                       {"step": 10}),
+    # LoRA adapters on a tiny ViT (dropout on their input draws from the global RNG), stopped mid-epoch 1 (step 6)
+    "lora-mid_epoch": (["transfer=lora", "model.backbone=test_vit", "transfer.lora_rank=2", "transfer.lora_dropout=0.1"],
+                       {"step": 6}),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from transfer_cli.config.modes import transfer_mode
 from transfer_cli.assembly.model import compile_mode
 from transfer_cli.assembly.sources import SOURCES, discover  # noqa: F401 - re-exported: the data builders
 from transfer_cli.config.resolve import eval_batch_size
@@ -67,7 +68,8 @@ def cache_plan(cfg: TrainConfig) -> tuple[bool, str]:
     t = cfg.transfer
     if cfg.trainer.fast_dev_run and t.cache_features != "true":  # one batch means one batch, not every image's features
         return False, "off: trainer.fast_dev_run runs one batch (transfer.cache_features=true caches anyway)"
-    return feature_cache_plan(t.cache_features, t.mode, t.bn, cfg.augmentation.name, cached_views(cfg), t.cache_dir)
+    return feature_cache_plan(t.cache_features, t.mode, transfer_mode(t.mode).frozen_backbone, t.bn,
+                              cfg.augmentation.name, cached_views(cfg), t.cache_dir)
 
 
 def feature_pass(cfg: TrainConfig, images: ImageDataModule, model: Classifier, device: torch.device,

@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 import torch
 
-from transfer_cli.config.schema import TrainConfig
+from transfer_cli.config.modes import transfer_mode
+from transfer_cli.config.schema import TrainConfig, TransferConfig
 from transfer_cli.data.splits import DataSplits
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.models.combined import build_backbone
@@ -36,8 +37,23 @@ def plain(value: Any) -> Any:
 def build_model(cfg: TrainConfig, num_classes: int) -> tuple[Classifier, dict]:
     """(the Classifier, the preprocessing its backbone expects: timm's data config with data.* overrides)."""
     backbone, data_config = build_backbone(cfg.model, cfg.data)
+    with_adapters(backbone, cfg.transfer)
     model = Classifier(backbone, num_classes, cfg.model.head_hidden_dim, cfg.model.head_dropout)
     return model, data_config
+
+
+def with_adapters(backbone: torch.nn.Module, transfer: TransferConfig) -> list[str]:
+    """The transfer mode's adapters added to `backbone` (before its stages are read, so they join them); the
+    names of the layers that got one. A training run and a restored checkpoint build the same layers."""
+    if not transfer_mode(transfer.mode).adapters:
+        return []
+    from transfer_cli.models.adapters import adapter_targets, add_adapters
+    from transfer_cli.models.stages import backbone_stages
+
+    targets = adapter_targets(backbone, backbone_stages(backbone), transfer.lora_targets,
+                              int(transfer.freeze_stages or 0))
+    add_adapters(backbone, targets, transfer.lora_rank, transfer.lora_alpha, transfer.lora_dropout)
+    return targets
 
 
 def prepare_for_training(model: Classifier, cfg: TrainConfig, images: bool) -> None:
@@ -71,5 +87,5 @@ def checkpoint_block(config: dict, meta: dict) -> dict:
     return {"config": config, **meta, FINGERPRINT_KEY: fingerprint(meta)}
 
 
-__all__ = ["build_model", "prepare_for_training", "run_meta", "checkpoint_block", "plain", "COMPILE_MODES",
+__all__ = ["build_model", "with_adapters", "prepare_for_training", "run_meta", "checkpoint_block", "plain", "COMPILE_MODES",
            "compile_mode"]

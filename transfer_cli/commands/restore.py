@@ -110,11 +110,13 @@ def _data_config(meta: dict, overrides: Sequence[str], cfg: TrainConfig) -> dict
 
 def build_model(cfg: TrainConfig, meta: dict, state_dict: dict, source: Path) -> Classifier:
     """The Classifier of the run, its weights from `state_dict` (the checkpoint's)."""
+    from transfer_cli.assembly.model import with_adapters
     from transfer_cli.models.combined import CombinedBackbone, build_backbone
 
     # No download and no weights file: every backbone tensor is in the checkpoint.
     model_cfg = dataclasses.replace(cfg.model, pretrained=False, weights=None)
     backbone, _ = build_backbone(model_cfg, cfg.data)
+    adapted = with_adapters(backbone, cfg.transfer)  # the layers the checkpoint's adapter weights belong to
     # Per-member normalization of a feature combination is not in the state_dict; it came from each member's
     # weight source, which this rebuild skipped.
     norms = meta["data_config"].get("member_norms") if isinstance(backbone, CombinedBackbone) else None
@@ -129,6 +131,12 @@ def build_model(cfg: TrainConfig, meta: dict, state_dict: dict, source: Path) ->
         raise TransferError(f"the weights in {source} do not fit the network its config describes: "
                             f"{str(e).splitlines()[0]}",
                             "pass a checkpoint written by this version of `transfer train`")
+    if adapted:  # eval, predict and export see one plain timm network: W + B A in each layer's weight
+        from transfer_cli.models.adapters import merge_adapters
+        from transfer_cli.models.stages import backbone_stages
+
+        merge_adapters(backbone)
+        model.stages = backbone_stages(backbone)
     return model.eval()
 
 

@@ -89,6 +89,14 @@ def check_soupable(members: Sequence[_Member]) -> None:
     """Refuse members a mean of weights does not fit: other classes, task, preprocessing, network or start."""
     from transfer_cli.models.soup import mismatch
 
+    from transfer_cli.config.modes import MODES
+
+    for m in members:
+        mode = MODES.get(str((m.config.get("transfer") or {}).get("mode")))
+        if mode is not None and mode.adapters:
+            # The mean of separately averaged factors B and A is not the mean of the updates B A.
+            raise TransferError(f"{m.ref} trained adapters (transfer={mode.name}): a soup averages whole weights",
+                                "average their predictions instead: transfer eval ckpt=[...] (an ensemble)")
     first = members[0]
     fix = ("average runs fine-tuned from one start (the same model.* and weights, for a random init the same seed) "
            "on the same classes; to combine other runs, average their predictions instead: transfer eval "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from transfer_cli.config.modes import require_mode_package
 from transfer_cli.config.keys import Range, declared, example_of
 from transfer_cli.config.schema import OWN_WARMUP_SCHEDULES, TrainConfig
 from transfer_cli.errors import TransferError, close_matches
@@ -104,6 +105,7 @@ def _targets(key: str, nodes: Any) -> None:
 def check_values(cfg: Any) -> None:
     """Every key's range (declared on its schema field), then the rules that tie keys together."""
     check_ranges(cfg)
+    require_mode_package(cfg.transfer.mode)
     d, m, t, a, s, tr, cb = (cfg.data, cfg.model, cfg.transfer, cfg.augmentation, cfg.scheduler, cfg.trainer,
                              cfg.callbacks)
     if d.val_fraction + d.test_fraction >= 1:

@@ -10,6 +10,7 @@ import typing
 from typing import Any, Iterable
 
 from transfer_cli.config.folders import config_dir, config_groups
+from transfer_cli.config.modes import MODES
 from transfer_cli.config.overrides import override_key, parse
 from transfer_cli.config.schema import TrainConfig, register_configs, structured_schema
 from transfer_cli.errors import TransferError, close_matches
@@ -113,7 +114,8 @@ def own_data_defaults(overrides: list[str]) -> list[str]:
                                 "sweep one transfer mode per command (each gets its own recipe), or add "
                                 "recipe=none to sweep them all on the schema's defaults")
         mode = str(ov.value())
-    return ["~experiment", f"recipe={mode}", *overrides]
+    recipe = MODES[mode].recipe if mode in MODES else mode  # an unknown mode: check_overrides names the choices
+    return ["~experiment", f"recipe={recipe}", *overrides]
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train") -> Any:

@@ -88,8 +88,10 @@ class TransferConfig:
     backbone_lr_scale: float = key(1.0, within="[0, inf)", example=0.1, help="the backbone's LR = optimizer.lr x this")
     layer_decay: Optional[float] = key(None, within="(0, 1]", example=0.75,
                                        help='layer-wise LR decay: the last stage x d, the one before x d^2, ...')
-    bn: str = key("frozen", choices=('frozen', 'train'),
-                  help='frozen: BatchNorm of frozen stages in eval mode (running stats fixed) | train')
+    bn: str = key("frozen", choices=('frozen', 'eval', 'train'),
+                  help='frozen: BatchNorm of frozen stages in eval mode (running stats fixed) | eval: every '
+                       "BatchNorm in eval mode, trained stages too (the pretrained statistics; LP-FT's probe fits "
+                       'the network it starts) | train: every BatchNorm on batch statistics')
     cache_features: str = key("auto", choices=('auto', 'true', 'false'),
                               help='train the head on precomputed features of a frozen backbone')
     cache_views: int = key(0, within="[0, inf)",
@@ -106,6 +108,14 @@ class TransferConfig:
                          help="The head a fit starts from. probe: the converged linear probe on the frozen backbone's"
                               ' eval-mode features of the training images (LP-FT, Kumar et al. 2022), for fine_tune, '
                               "partial and gradual_unfreeze; random: timm's init.")
+    # transfer=lora: low-rank adapters (the peft library) beside frozen backbone weights; merged on export.
+    lora_rank: int = key(8, within="[1, inf)", example=4, help='lora: the rank r of each adapter (B A, B zero at init)')
+    lora_alpha: float = key(16.0, within="(0, inf)", help="lora: the adapters' output is scaled by alpha / r")
+    lora_dropout: float = key(0.0, within="[0, 1)", example=0.1, help="lora: dropout on the adapters' input")
+    lora_targets: List[str] = key(factory=list,
+                                  help="lora: regexes searched in the backbone's module names (blocks.0.attn.qkv; "
+                                       'audit.json lists the adapted layers); empty: every Linear and ungrouped '
+                                       'Conv2d outside the stem and the stages transfer.freeze_stages holds')
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,16 @@ from transfer_cli.threads import CalibratedCpuForward
 log = logging.getLogger("transfer_cli")
 
 
-def feature_cache_plan(setting: str, mode: str, bn: str, augmentation: str, views: int,
+def feature_cache_plan(setting: str, mode: str, frozen_backbone: bool, bn: str, augmentation: str, views: int,
                        cache_dir: Optional[str]) -> Tuple[bool, str]:
     """(whether to cache, the reason), from transfer.cache_features = auto | true | false and what it needs:
     a frozen backbone (mode, bn) and deterministic inputs (no augmentation, or `views` cached views)."""
     if setting == "false":
         return False, "off (transfer.cache_features=false)"
     blockers = []
-    if mode != "feature_extract":
+    if not frozen_backbone:
         blockers.append(f"the backbone trains (transfer.mode={mode})")
-    if bn != "frozen":
+    if bn == "train":
         blockers.append(f"transfer.bn={bn} lets BatchNorm use each batch's statistics")
     if augmentation != "none" and views == 0:
         blockers.append(f"augmentation '{augmentation}' changes the images every epoch "

@@ -16,6 +16,7 @@ from torch import nn
 
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.errors import TransferError
+from transfer_cli.models.adapters import is_adapter_param
 from transfer_cli.models.stages import BATCH_NORMS
 
 _MAX_LISTED = 8
@@ -63,6 +64,7 @@ def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[
         for p in group["params"]:
             group_of[id(p)] = group
     named = dict(model.backbone.named_parameters())
+    adapters = {id(p) for n, p in named.items() if is_adapter_param(n)}
     modules = dict(model.backbone.named_modules())
     rows = []
     sections = [(s.name, [named[n] for n in s.params], _bn_modes(s.params, modules)) for s in model.stages]
@@ -72,6 +74,7 @@ def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[
         rows.append({
             "stage": name,
             "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "adapters": sum(p.numel() for p in params if id(p) in adapters),  # of the trainable, transfer=lora's
             "frozen": sum(p.numel() for p in params if not p.requires_grad),
             # The group's base LR (optimizer.lr x its scale): the schedule multiplies every group by one factor,
             # which at fit start is often a warmup's 0.
@@ -81,6 +84,11 @@ def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[
             "bn": "/".join(sorted(set(bn_modes))) or "-",
         })
     return rows
+
+
+def adapted_layers(backbone: nn.Module) -> List[str]:
+    """Names of the backbone's layers that carry an adapter, in module order."""
+    return list(dict.fromkeys(n.split(".lora_")[0] for n, _ in backbone.named_parameters() if is_adapter_param(n)))
 
 
 def _bn_modes(params: List[str], modules: Dict[str, nn.Module]) -> List[str]:
@@ -97,11 +105,13 @@ def print_audit(rows: List[Dict[str, Any]], epoch: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"transfer audit (epoch {epoch})", title_justify="left")
-    for column in ("stage", "trainable", "frozen", "base lr", "weight decay", "BN"):
-        table.add_column(column, justify="right" if column in ("trainable", "frozen") else "left")
+    adapted = any(r.get("adapters") for r in rows)  # the column only where adapters exist (transfer=lora)
+    counts = ("trainable", "of which adapters", "frozen") if adapted else ("trainable", "frozen")
+    for column in ("stage", *counts, "base lr", "weight decay", "BN"):
+        table.add_column(column, justify="right" if column in counts else "left")
     for r in rows:
-        table.add_row(r["stage"], f"{r['trainable']:,}", f"{r['frozen']:,}",
-                      ", ".join(f"{v:.3g}" for v in r["lr"]) or "-",
+        numbers = [f"{r['trainable']:,}", *([f"{r['adapters']:,}"] if adapted else []), f"{r['frozen']:,}"]
+        table.add_row(r["stage"], *numbers, ", ".join(f"{v:.3g}" for v in r["lr"]) or "-",
                       ", ".join(f"{v:.3g}" for v in r["weight_decay"]) or "-", r["bn"])
     Console().print(table)
 

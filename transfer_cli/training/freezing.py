@@ -5,6 +5,7 @@ Every mode is one rule over stages (see models/stages.py):
   fine_tune         everything
   partial           everything but the stem and the first `freeze_stages` stages
   gradual_unfreeze  the head, plus the stages named by every milestone reached so far (`transfer.unfreeze`)
+  lora              the adapters peft added to the backbone (models/adapters.py), never its own weights
 `transfer.freeze_stages` and the `transfer.freeze` regexes also hold in fine_tune and gradual_unfreeze, as a
 floor that no milestone thaws. Nothing is carried over from the previous epoch: the state is re-derived and
 re-applied at fit start and at every epoch start, so a run resumed past a milestone lands in the same state.
@@ -18,7 +19,9 @@ from typing import Any, Callable, Dict, List, Set
 
 from torch import nn
 
+from transfer_cli.config.modes import transfer_mode
 from transfer_cli.errors import TransferError
+from transfer_cli.models.adapters import is_adapter_param
 from transfer_cli.models.stages import BATCH_NORMS, Stage, resolve_stage_refs
 
 FOREVER = 10**9  # an epoch after every milestone: the set of parameters that ever train
@@ -73,22 +76,29 @@ def _every_n_epochs(every: int, stages: List[Stage]) -> Dict[int, Any]:
 
 def permanently_frozen(transfer_cfg: Any, stages: List[Stage]) -> Set[str]:
     """Parameter names no epoch may train: the stem + first `freeze_stages` stages, and `freeze` regex matches."""
-    if transfer_cfg.mode == "feature_extract":
+    mode = transfer_mode(transfer_cfg.mode)
+    if mode.frozen_backbone:
         return {p for s in stages for p in s.params}
+    if mode.adapters:  # the original weights; `freeze` regexes may also hold some adapters back
+        frozen = {p for s in stages for p in s.params if not is_adapter_param(p)}
+        return frozen | _regex_frozen(transfer_cfg, stages)
     n = int(transfer_cfg.freeze_stages or 0)
     if transfer_cfg.mode == "partial" and n <= 0 and not transfer_cfg.freeze:
         raise TransferError("transfer=partial needs something to freeze",
                             "transfer.freeze_stages=2 (stem + first 2 stages) or transfer.freeze=['<regex>']")
     frozen = {p for s in stages if n > 0 and s.index <= n for p in s.params}
-    patterns = [re.compile(p) for p in (transfer_cfg.freeze or [])]
-    if patterns:
-        every = [p for s in stages for p in s.params]
-        for pattern in patterns:
-            hits = [p for p in every if pattern.search(p)]
-            if not hits:
-                raise TransferError(f"transfer.freeze: '{pattern.pattern}' matches no backbone parameter",
-                                    f"check the names in audit.json, e.g. {every[0] if every else '-'}")
-            frozen.update(hits)
+    return frozen | _regex_frozen(transfer_cfg, stages)
+
+
+def _regex_frozen(transfer_cfg: Any, stages: List[Stage]) -> Set[str]:
+    frozen: Set[str] = set()
+    every = [p for s in stages for p in s.params]
+    for pattern in [re.compile(p) for p in (transfer_cfg.freeze or [])]:
+        hits = [p for p in every if pattern.search(p)]
+        if not hits:
+            raise TransferError(f"transfer.freeze: '{pattern.pattern}' matches no backbone parameter",
+                                f"check the names in audit.json, e.g. {every[0] if every else '-'}")
+        frozen.update(hits)
     return frozen
 
 
@@ -104,18 +114,20 @@ def _milestones_reached(transfer_cfg: Any, stages: List[Stage], epoch: int) -> S
     return {n for m in milestones(transfer_cfg, stages) if m.epoch <= epoch for n in m.stages}
 
 
-# transfer=<mode>: the stages (by name) thawed in an epoch, before the permanent freezes are taken out
-MODES: Dict[str, Callable[[Any, List[Stage], int], Set[str]]] = {
+# transfer=<mode> (config/modes.py MODES): the stages (by name) thawed in an epoch, before the permanent freezes
+# are taken out
+RULES: Dict[str, Callable[[Any, List[Stage], int], Set[str]]] = {
     "feature_extract": _nothing,
     "fine_tune": _every_stage,
     "partial": _every_stage,
     "gradual_unfreeze": _milestones_reached,
+    "lora": _every_stage,  # less permanently_frozen: every original weight
 }
 
 
 def trainable_params(transfer_cfg: Any, stages: List[Stage], epoch: int) -> Set[str]:
     """Names of the backbone parameters that train in `epoch` (the head always trains)."""
-    thawed = MODES[transfer_cfg.mode](transfer_cfg, stages, epoch)
+    thawed = RULES[transfer_cfg.mode](transfer_cfg, stages, epoch)
     candidates = {p for s in stages if s.name in thawed for p in s.params}
     return candidates - permanently_frozen(transfer_cfg, stages)
 
@@ -169,7 +181,7 @@ def apply_freeze(model: nn.Module, transfer_cfg: Any, epoch: int) -> Set[str]:
     for param in model.head.parameters():
         param.requires_grad_(True)
     model.frozen_backbone = not trainable
-    model.eval_modules = frozen_norms(model.backbone) if transfer_cfg.bn == "frozen" else []
+    model.eval_modules = NORM_MODES[transfer_cfg.bn](model.backbone)
     model.train(model.training)  # re-applies eval mode to whatever just became frozen
     return trainable
 
@@ -184,3 +196,19 @@ def frozen_norms(backbone: nn.Module) -> List[nn.Module]:
         if isinstance(module, BATCH_NORMS)
         and not any(p.requires_grad for p in module.parameters(recurse=False))
     ]
+
+
+def every_norm(backbone: nn.Module) -> List[nn.Module]:
+    """What stays in eval mode under bn=eval: every BatchNorm, trained or not, so each normalizes with the
+    pretrained running statistics and a probe fitted on eval-mode features fits the network that fine-tunes."""
+    if not any(p.requires_grad for p in backbone.parameters()):
+        return [backbone]
+    return [module for module in backbone.modules() if isinstance(module, BATCH_NORMS)]
+
+
+# transfer.bn=<name>: the backbone modules held in eval mode whatever mode Lightning sets
+NORM_MODES: Dict[str, Callable[[nn.Module], List[nn.Module]]] = {
+    "frozen": frozen_norms,
+    "eval": every_norm,
+    "train": lambda backbone: [],
+}

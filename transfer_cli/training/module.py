@@ -17,7 +17,7 @@ from torch import nn
 
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.checkpoints import CHECKPOINT_KEY
-from transfer_cli.training.audit import audit_rows, check_consistency, print_audit, write_audit
+from transfer_cli.training.audit import adapted_layers, audit_rows, check_consistency, print_audit, write_audit
 from transfer_cli.training.epoch_state import KEY as EPOCH_KEY
 from transfer_cli.training.epoch_state import EpochState
 from transfer_cli.training.finite import FiniteWatch, check_weights
@@ -155,6 +155,9 @@ class TransferModule(pl.LightningModule):
             rows = audit_rows(self.model, optimizer)
             print_audit(rows, self.current_epoch)
             entry = {"epoch": self.current_epoch, "step": self.global_step, "stages": rows}
+            layers = adapted_layers(self.model.backbone)
+            if layers:  # transfer=lora: which layers carry an adapter (transfer.lora_targets matches these names)
+                entry["adapted_layers"] = layers
             write_audit(Path(self.trainer.default_root_dir) / "audit.json", entry)
 
     def configure_optimizers(self) -> tuple[list, list]:
