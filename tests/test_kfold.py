@@ -84,6 +84,13 @@ def test_bad_fold_keys_are_refused_before_torch(tmp_path, command, args, expect)
     assert "HEAVY []" in out.stderr
 
 
+def test_more_folds_than_images_are_refused_before_torch(tiny_imagefolder, tmp_path):
+    out = transfer("kfold", "k=30", f"output={tmp_path / 'kf'}", *tiny_run_overrides(tiny_imagefolder), cwd=tmp_path,
+                   probe=True)
+    refused(out, "data.folds=30 needs at least 30 train and val samples", "has 24")
+    assert "HEAVY []" in out.stderr and not (tmp_path / "kf" / "fold_0").exists()
+
+
 # ---------------------------------------------------------------- transfer kfold, end to end
 
 

@@ -76,7 +76,11 @@ def _check_folder(folder: Path, k: int, overrides: list[str]) -> None:
     record = folder / KFOLD_FILE
     again = f"transfer kfold k={k} output={shlex.quote(str(folder))}"
     if record.is_file():
-        saved = json.loads(record.read_text())
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError) as e:
+            raise TransferError(f"{record} is not readable JSON ({e}), so the folder's k-fold is unknown",
+                                "output=<a new folder>, or move the folder's kfold.json back from a copy") from None
         if saved.get("k") != k or saved.get("overrides") != overrides:
             raise TransferError(
                 f"{folder} holds a k-fold of k={saved.get('k')} with other overrides ("
@@ -218,6 +222,10 @@ def kfold_command(args: list[str]) -> None:
         if not (folder / KFOLD_FILE).is_file():  # what a later run of the command checks its arguments against
             atomic_write_json(folder / KFOLD_FILE, {"k": k, "overrides": overrides, "command": again,
                                                     "complete": False})
+        if any(fold_state(fold_dir(folder, i)) != "done" for i in range(k)):
+            from transfer_cli.assembly.sources import discover
+
+            discover(cfg.data, cfg.task)  # the data and its folds, before torch loads: too few images fail now
         done = run_folds(folder, k, train_args, cfg.callbacks.monitor, cfg.callbacks.mode, again)
         folds, stats = results(folder, k)
         atomic_write_json(folder / ENSEMBLE_FILE, {"members": [fold_dir(folder, i).name for i in range(k)],
