@@ -17,6 +17,7 @@ examples:
   transfer train debug=fast_dev_run                 # one batch through everything
   transfer screen model.backbone=resnet50,convnext_tiny data=imagefolder data.root=~/data/flowers
   transfer train -m optimizer.lr=1e-3,3e-4          # a Hydra multirun sweep, summarised in its sweep dir
+  transfer kfold k=5 data=imagefolder data.root=~/data/flowers  # 5 folds, mean ± std, the 5 models an ensemble
   transfer tune tune.n_trials=20                    # an Optuna study with pruning (pip install 'transfer-cli[optuna]')
   transfer train --help                             # every config group and key
 """
@@ -97,6 +98,12 @@ def _screen(args: list[str]) -> None:
     screen_command(args)
 
 
+def _kfold(args: list[str]) -> None:
+    from transfer_cli.commands.kfold import kfold_command  # torch loads only once the arguments are valid
+
+    kfold_command(args)
+
+
 def _sweep_summary(args: list[str]) -> None:
     from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
 
@@ -118,6 +125,9 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
                     _data_report),
     "tune": ("an Optuna study (search space: hparams_search=optuna, or 'key=interval(a,b)' ranges), pruned per epoch, "
              "continued when run again [overrides] [tune.n_trials=20]", _tune),
+    "kfold": ("k-fold cross-validation: k runs, each holding out one fold, in <output>/fold_<i>; mean ± std of "
+              "the folds in kfold.json, the k models as an ensemble (ensemble.json); run again to continue "
+              "[k=5] [output=DIR] [transfer train overrides]", _kfold),
     "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
                       _sweep_summary),
     "screen": ("rank backbones and preprocessing by a converged linear probe on cached features "

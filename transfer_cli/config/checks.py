@@ -102,6 +102,19 @@ def _targets(key: str, nodes: Any) -> None:
                                 f"+{key}.{name}._target_=<module.Class>, e.g. +{key}.{name}._target_={example}")
 
 
+def _folds(folds: int, fold: int) -> None:
+    """data.folds / data.fold: k >= 2 folds, and a fold that exists."""
+    if folds == 1:
+        _fail("data.folds", folds, "is one fold: k-fold cross-validation holds out each of k >= 2 folds in turn",
+              "data.folds=5 (or 0: no folds; transfer kfold k=5 trains them all)")
+    if folds and fold >= folds:
+        _fail("data.fold", fold, f"is not a fold of data.folds={folds} (they are 0 ... {folds - 1})",
+              f"data.fold=0 ... data.fold={folds - 1}")
+    if not folds and fold:
+        _fail("data.fold", fold, "picks a fold, but data.folds=0 (no folds)",
+              f"data.folds=<k> data.fold={fold} (k > {fold}), or leave data.fold out")
+
+
 def check_values(cfg: Any) -> None:
     """Every key's range (declared on its schema field), then the rules that tie keys together."""
     check_ranges(cfg)
@@ -112,6 +125,7 @@ def check_values(cfg: Any) -> None:
         raise TransferError(f"data.val_fraction={d.val_fraction} and data.test_fraction={d.test_fraction} leave "
                             "no training data", "keep their sum below 1, e.g. data.val_fraction=0.2 "
                                                 "data.test_fraction=0.1")
+    _folds(d.folds, d.fold)
     if t.head_solver == "lbfgs" and lbfgs_blockers(cfg):
         raise TransferError("transfer.head_solver=lbfgs solves a linear head on cached features, but "
                             + "; ".join(lbfgs_blockers(cfg)), "transfer.head_solver=sgd (or auto: the epoch loop "

@@ -27,6 +27,10 @@ class DataConfig:
     val_fraction: float = key(0.2, within="[0, 1)", help='used when the source has no validation split of its own')
     test_fraction: float = key(0.0, within="[0, 1)", example=0.1)
     split_seed: int = key(0, help='fixed apart from `seed`, so several training seeds share one split')
+    folds: int = key(0, within="[0, inf)", example=5,
+                     help='k-fold cross-validation (transfer kfold): 0 off; k >= 2 deals the train and val samples '
+                          'into k folds, stratified and seeded by split_seed (test held out as without folds)')
+    fold: int = key(0, within="[0, inf)", help='with data.folds=k: the fold (0 ... k-1) that is val, the others train')
     batch_size: int = key(32, within="[1, inf)")
     eval_batch_size: Optional[int] = key(None, within="[1, inf)", example=64, resume=True,
                                          help='default: 2 x batch_size')

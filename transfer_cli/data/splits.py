@@ -6,7 +6,7 @@ seed), so runs with different seeds are compared on the same validation set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
@@ -141,5 +141,47 @@ def split_samples(
     return [[samples[i] for i in part] for part in parts]
 
 
+def fold_indices(labels: Sequence, k: int, seed: int, multilabel: bool = False) -> List[List[int]]:
+    """k disjoint folds covering every index, seeded: each class dealt round the folds in turn (a class's count
+    per fold differs by at most one, and so does each fold's size). Label sets cannot be dealt class by class:
+    a seeded shuffle is dealt instead, then a label whose samples (two or more) all fell into one fold moves one
+    of them to the smallest other fold, so no label goes untrained when that fold is val (multilabel_split's rule).
+    """
+    rng = np.random.default_rng(seed)
+    if multilabel:
+        order = rng.permutation(len(labels)).tolist()
+    else:
+        labels_arr = np.asarray(labels)
+        order = [int(i) for cls in np.unique(labels_arr) for i in rng.permutation(np.flatnonzero(labels_arr == cls))]
+    folds: List[List[int]] = [order[f::k] for f in range(k)]  # position j of the deal goes to fold j % k
+    if multilabel:
+        for label in sorted({lab for labs in labels for lab in labs}):
+            holding = [f for f, part in enumerate(folds) if any(label in labels[i] for i in part)]
+            if len(holding) == 1:
+                owners = [i for i in folds[holding[0]] if label in labels[i]]
+                if len(owners) > 1:
+                    target = min((f for f in range(k) if f != holding[0]), key=lambda f: (len(folds[f]), f))
+                    folds[holding[0]].remove(owners[-1])
+                    folds[target].append(owners[-1])
+    return [sorted(part) for part in folds]
+
+
+def fold_splits(splits: DataSplits, folds: int, fold: int, seed: int) -> DataSplits:
+    """data.folds=k, data.fold=i: the train and val samples pooled (a source's own val split included) and dealt
+    into k folds (fold_indices, seeded by data.split_seed); fold i is val, the others train. The test split, held
+    out as without folds, is untouched, so every fold's model is tested on the same images."""
+    # The pool in path order: the folds depend on which samples it holds, not on how the source listed them.
+    pool = sorted(splits.train + splits.val, key=lambda s: s[0])
+    if len(pool) < folds:
+        raise TransferError(f"data.folds={folds} needs at least {folds} train and val samples; "
+                            f"{splits.source_desc} has {len(pool)}", "fewer folds, e.g. data.folds=2, or more images")
+    parts = fold_indices([s[1] for s in pool], folds, seed, splits.multilabel)
+    train = [pool[i] for f, part in enumerate(parts) if f != fold for i in part]
+    desc = (f"{splits.source_desc}; train and val pooled into {folds} folds by split_seed={seed}, "
+            f"fold {fold} is val")
+    return replace(splits, train=sorted(train, key=lambda s: s[0]), val=[pool[i] for i in parts[fold]],
+                   source_desc=desc)
+
+
 __all__ = ["Sample", "DataSplits", "SPLITS", "SPLIT_ALIASES", "stratified_split", "multilabel_split",
-           "split_fractions", "split_samples", "check_splits"]
+           "split_fractions", "split_samples", "check_splits", "fold_indices", "fold_splits"]
