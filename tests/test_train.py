@@ -2,6 +2,8 @@
 
 import csv
 import json
+import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import timm
 import torch
 from conftest import tiny_cfg, write_class_images
 
+from transfer_cli.run_files import RunLayout, RunSummary, read_summary
 from transfer_cli.errors import TransferError
 from transfer_cli.train import train
 from transfer_cli.training.schedules import lr_factor
@@ -103,6 +106,15 @@ def test_run_dir_holds_readable_artifacts(tmp_path, tiny_imagefolder):
         assert on_disk[key] is not None, key
     assert on_disk["class_names"] == ["cat", "dog"] and on_disk["num_classes"] == 2 and on_disk["epochs"] == 2
     assert on_disk["test_size"] == 6 and 0.0 <= on_disk["test_acc"] <= 1.0
+    # summary.json is what RunSummary describes: no key it lacks, each value of its declared type
+    declared = typing.get_type_hints(RunSummary)
+    assert set(on_disk) <= set(declared), set(on_disk) - set(declared)
+    for key, value in on_disk.items():
+        hint = declared[key]
+        options = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        kinds = tuple(typing.get_origin(t) or t for t in options)
+        assert isinstance(value, kinds) or (float in kinds and isinstance(value, int)), (key, value, kinds)
+    assert read_summary(run) == on_disk and RunLayout(run).best == Path(on_disk["best_checkpoint"])
     best = load_ckpt(run / "checkpoints" / "best.ckpt")
     head = {k: tuple(v.shape) for k, v in best["state_dict"].items() if k.startswith("model.head.")}
     width = best["transfer"]["num_features"]

@@ -53,9 +53,9 @@ def _train_task(cfg: Any) -> Any:
 
 
 def _io_fix(run_dir: Path) -> str:
-    from transfer_cli.resume.checkpoints import CHECKPOINT_DIR
+    from transfer_cli.run_files import RunLayout
 
-    if (run_dir / CHECKPOINT_DIR / "last.ckpt").is_file():
+    if RunLayout(run_dir).last.is_file():
         return f"free disk space or make the folder writable, then continue: {resume_command(run_dir)}"
     return "free disk space, or run elsewhere: hydra.run.dir=<a writable folder>"
 

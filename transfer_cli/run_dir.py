@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from transfer_cli.errors import TransferError
+from transfer_cli.run_files import RunLayout
 
 LOCK_NAME = ".transfer.lock"
 # What a run that trained leaves in its dir. Hydra's .hydra/ and train.log are written before a run starts, and a
@@ -104,7 +105,7 @@ def check_free(run_dir: Path, resuming: bool = False) -> None:
             "set hydra.run.dir=<a new folder>",
         )
     if not resuming and run_dir.is_dir() and holds_a_run(run_dir) and run_dir not in _HELD:
-        what = "a finished run" if (run_dir / "summary.json").exists() else "an interrupted run"
+        what = "a finished run" if RunLayout(run_dir).summary.exists() else "an interrupted run"
         raise TransferError(
             f"the run dir {run_dir} holds {what}; a new run would write over its files",
             f"continue it: {_resume_hint(run_dir)}; or start a new run in a new dir: leave hydra.run.dir out, "

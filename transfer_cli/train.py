@@ -18,10 +18,10 @@ from transfer_cli.config.resolve import resolve_run
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.reporting import print_config_tree, print_summary
-from transfer_cli.resume.checkpoints import CHECKPOINT_DIR
 from transfer_cli.resume.fit import fit
 from transfer_cli.run_dir import claim, held_dirs, is_child_rank, release
 from transfer_cli.tracking.trackers import close_trackers, finish_trackers
+from transfer_cli.run_files import RunLayout, RunSummary
 
 log = logging.getLogger("transfer_cli")
 
@@ -42,7 +42,7 @@ def _write_curves(trainer: pl.Trainer, run_dir: Path, cfg: TrainConfig) -> None:
     try:
         from transfer_cli.plots import write_curves
 
-        path = write_curves(run_dir / "metrics.csv", title=f"{cfg.name}: {cfg.model.backbone}, {cfg.transfer.mode}")
+        path = write_curves(RunLayout(run_dir).metrics, title=f"{cfg.name}: {cfg.model.backbone}, {cfg.transfer.mode}")
         if path is not None:
             log.info("training curves: %s", path)
     except Exception as e:  # noqa: BLE001
@@ -118,7 +118,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) 
 
 def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequence[pl.Callback]) -> dict:
     print_config_tree(typed)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(typed)))
+    atomic_write_text(RunLayout(run_dir).config, OmegaConf.to_yaml(OmegaConf.structured(typed)))
 
     run = build_run(typed, run_dir)
     positive_index(typed, run.splits.class_names)  # a threshold asked of a task it cannot decide fails now
@@ -140,13 +140,13 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     ckpt = trainer.checkpoint_callback if splits.val else None  # without validation the first one is last.ckpt
     best_path = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     best_score = float(ckpt.best_model_score) if ckpt is not None and ckpt.best_model_score is not None else None
-    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    last = RunLayout(run_dir).last
     monitor = typed.callbacks.monitor
 
     def best_or_last(key: str) -> float | None:  # the best checkpoint's value if `key` chose it, else the last
         return best_score if key == monitor and best_score is not None else _metric(trainer, key)
 
-    summary: dict[str, Any] = {
+    summary: RunSummary = {
         "name": typed.name,
         "val_acc": best_or_last("val/acc"),
         "test_acc": None,
@@ -183,7 +183,7 @@ def _train(typed: TrainConfig, run_dir: Path, started: float, callbacks: Sequenc
     # after the test, which scores the weights as trained; each checkpoint gets its own (assembly/calibration.py)
     summary["calibration"] = calibrate_checkpoints(run, [best_path, summary["last_checkpoint"]])
     summary["wall_time_s"] = round(time.time() - started, 1)
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(RunLayout(run_dir).summary, dict(summary))
     model_file = best_path or summary["last_checkpoint"]
     finish_trackers(trainer.loggers, run_dir, Path(model_file) if typed.logger.log_model and model_file else None)
     close_trackers(trainer.loggers)

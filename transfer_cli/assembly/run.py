@@ -28,6 +28,7 @@ from transfer_cli.tracking.first_step import FirstStepLatency
 from transfer_cli.training.module import TransferModule
 from transfer_cli.training.probe_head import ProbeFit, ProbeModule
 from transfer_cli.threads import SmallWorkThreads
+from transfer_cli.run_files import RunLayout
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -73,7 +74,7 @@ def build_data(cfg: TrainConfig | DictConfig, run_dir: Path) -> tuple[DataSplits
     splits = discover(cfg.data, cfg.task)
     log.info("data: %s", splits.source_desc)
     model, data_config = build_model(cfg, len(splits.class_names))
-    images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt")
+    images = image_data(cfg, splits, data_config, bad_log=RunLayout(run_dir).bad_images)
     return splits, model, images, run_meta(cfg, splits, data_config, model)
 
 
@@ -93,7 +94,7 @@ def build_run(cfg: TrainConfig | DictConfig, run_dir: Path) -> RunParts:
                             resume_point=resume_point)
     add_callbacks(trainer, first_step)
     device = trainer.strategy.root_device
-    images = image_data(cfg, splits, data_config, bad_log=run_dir / "bad_images.txt", device=device,
+    images = image_data(cfg, splits, data_config, bad_log=RunLayout(run_dir).bad_images, device=device,
                         resume_start=resume_point.start)
     log.info("feature cache %s", why)
     log.info("head solver: %s", solver_why)

@@ -17,7 +17,7 @@ from transfer_cli.assembly.extra import instantiate_extra
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.resume.checkpoint_io import AtomicCheckpointIO
-from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, checkpoint_step
+from transfer_cli.resume.checkpoints import checkpoint_step
 from transfer_cli.resume.replay import ResumePoint, SeedEveryBatch
 from transfer_cli.resume.signals import GracefulStop
 from transfer_cli.resume.step_checkpoint import StepCheckpoint
@@ -27,6 +27,7 @@ from transfer_cli.tracking.trackers import (
 )
 from transfer_cli.training.ema import EMA
 from transfer_cli.training.swa import SWA
+from transfer_cli.run_files import RunLayout
 
 # trainer.* keys that are ours, not arguments of pl.Trainer: applied to the network (assembly/model.py), or the
 # Tuner's batch-size search (train.py)
@@ -39,7 +40,8 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, 
                     ) -> list[Callback]:
     """validate=False: the run has no validation split, so nothing is monitored and there is no best.ckpt."""
     cb = cfg.callbacks
-    checkpoints = run_dir / CHECKPOINT_DIR
+    files = RunLayout(run_dir)
+    checkpoints = files.checkpoints
     # best.ckpt and last.ckpt come from two callbacks: Lightning 2.6's save_last only refreshes last.ckpt in
     # epochs where the monitored metric improved, so a plain save_last=True can leave a stale "last".
     callbacks: list[Callback] = []
@@ -51,10 +53,10 @@ def build_callbacks(cfg: TrainConfig, run_dir: Path, resume_point: ResumePoint, 
                                          enable_version_counter=False))
     # Resumability: per-batch RNG seeds from (seed, epoch, batch), where an interrupted epoch stopped, and
     # SIGTERM/SIGINT -> a resumable last.ckpt.
-    callbacks += [SeedEveryBatch(int(cfg.seed)), resume_point, GracefulStop(checkpoints / "last.ckpt")]
+    callbacks += [SeedEveryBatch(int(cfg.seed)), resume_point, GracefulStop(files.last)]
     if cb.checkpoint_every_n_steps > 0:  # long epochs: last.ckpt also every N optimizer steps
         # after resume_point in the list: its batch count must include the batch just trained when this saves
-        callbacks.append(StepCheckpoint(checkpoints / "last.ckpt", cb.checkpoint_every_n_steps))
+        callbacks.append(StepCheckpoint(files.last, cb.checkpoint_every_n_steps))
     if cb.early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor=cb.monitor, mode=cb.mode, patience=cb.early_stopping_patience))
     if cb.rich_progress and cfg.trainer.enable_progress_bar:

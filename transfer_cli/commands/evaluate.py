@@ -13,12 +13,15 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.args import CHECKPOINTS, COUNT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir
+
+if TYPE_CHECKING:  # the name only: restore.py brings OmegaConf and the model code, loaded when a command runs
+    from transfer_cli.commands.restore import Restored
 
 log = logging.getLogger("transfer_cli")
 
@@ -68,7 +71,7 @@ def _choose_split(splits: Any, split: str | None) -> tuple[Any, str]:
     return splits, split
 
 
-def collect_logits(restored: Any, images: Any, split: str) -> tuple[Any, Any]:
+def collect_logits(restored: Restored, images: Any, split: str) -> tuple[Any, Any]:
     """(logits, targets) of every readable image of `split`, with the run's precision, layout and eval.tta."""
     from transfer_cli.inference import autocast_for, infer, pick_device, place_model
     from transfer_cli.training.tta import tta_forward
@@ -151,7 +154,7 @@ def _readable_paths(images: Any, split: str, count: int) -> list[str]:
     return paths
 
 
-def _mistakes(restored: Any, logits: Any, targets: Any, matrix: Any, paths: list[str], out_dir: Path,
+def _mistakes(restored: Restored, logits: Any, targets: Any, matrix: Any, paths: list[str], out_dir: Path,
               top_losses: int, cam: int, title: str) -> dict:
     """misclassified.csv, top_losses.png, Grad-CAM of the worst (cam=k), and the most confused classes."""
     from transfer_cli.commands.mistakes import (
@@ -179,7 +182,7 @@ def _mistakes(restored: Any, logits: Any, targets: Any, matrix: Any, paths: list
     return out
 
 
-def _member_logits(restored: Any, split: str | None, bad_log: Path | None) -> tuple[Any, Any, Any, Any, str]:
+def _member_logits(restored: Restored, split: str | None, bad_log: Path | None) -> tuple[Any, Any, Any, Any, str]:
     """(logits, targets, image data, splits, the split the loader reads) of one checkpoint on its data config."""
     from transfer_cli.assembly.data import discover, image_data
     from transfer_cli.inference import pick_device

@@ -21,7 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transfer_cli.atomic import TEMP_SUFFIX, atomic_write_json
 from transfer_cli.commands import onnx_model
@@ -37,6 +37,9 @@ from transfer_cli.commands.check_inputs import (
 from transfer_cli.config.args import CHECKPOINTS, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_dir, output_file
+
+if TYPE_CHECKING:  # the name only: restore.py brings OmegaConf and the model code, loaded when a command runs
+    from transfer_cli.commands.restore import Restored
 
 log = logging.getLogger("transfer_cli")
 
@@ -69,7 +72,7 @@ class ExportResult:
         return self.agreement.max_abs_diff
 
 
-def export_metadata(restored: Any) -> dict:
+def export_metadata(restored: Restored) -> dict:
     """What a caller needs to feed the exported network and read its output, as plain JSON."""
     dc = restored.data_config
     return {
@@ -95,7 +98,7 @@ def export_metadata(restored: Any) -> dict:
     }
 
 
-def _calibration(restored: Any) -> dict | None:
+def _calibration(restored: Restored) -> dict | None:
     from transfer_cli.commands.calibration_report import stored_calibration
 
     block = stored_calibration(restored)
@@ -227,7 +230,7 @@ def _export_ensemble(members: Any, format: str, output: str | Path | None, rtol:
     return export_network(network, metadata, format, path, rtol, atol)
 
 
-def export_restored(restored: Any, format: str, path: Path, rtol: float = RTOL, atol: float = ATOL) -> ExportResult:
+def export_restored(restored: Restored, format: str, path: Path, rtol: float = RTOL, atol: float = ATOL) -> ExportResult:
     """Write `restored`'s network (commands/restore.py) to `path` as onnx or torchscript, checked against PyTorch;
     `path` was already vetted (export does it before restoring)."""
     return export_network(restored.model.float().eval(), export_metadata(restored), format, path, rtol, atol)

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from transfer_cli.atomic import atomic_write_text
 from transfer_cli.commands.check_inputs import (
@@ -32,6 +32,11 @@ from transfer_cli.commands.check_inputs import (
 )
 from transfer_cli.config.args import Option, parse_command_args
 from transfer_cli.errors import TransferError
+from transfer_cli.commands.evaluate import REPORT_NAME
+from transfer_cli.run_files import RunLayout
+
+if TYPE_CHECKING:  # the name only: restore.py brings OmegaConf and the model code, loaded when a command runs
+    from transfer_cli.commands.restore import Restored
 
 log = logging.getLogger("transfer_cli")
 
@@ -41,7 +46,7 @@ DATA_LICENSES = {"elpv": "cc-by-nc-sa-4.0"}  # the elpv-dataset package's licenc
 OTHER_FORMATS = "export format=onnx or format=torchscript, which keep any network"
 
 
-def _linear_head(restored: Any) -> Any:
+def _linear_head(restored: Restored) -> Any:
     from torch import nn
 
     cfg = restored.cfg
@@ -55,7 +60,7 @@ def _linear_head(restored: Any) -> Any:
     return linears[0]
 
 
-def timm_model(restored: Any) -> Any:
+def timm_model(restored: Restored) -> Any:
     """The timm model (num_classes = the checkpoint's classes) holding the checkpoint's backbone and head."""
     import timm
 
@@ -88,10 +93,10 @@ def _run_files(run_dir: Path) -> tuple[dict, dict, list[str]]:
         import yaml
 
         overrides = [str(o) for o in yaml.safe_load(path.read_text()) or []]
-    return load(run_dir / "summary.json"), load(run_dir / "eval" / "eval_report.json"), overrides
+    return load(RunLayout(run_dir).summary), load(run_dir / "eval" / REPORT_NAME), overrides
 
 
-def model_card(restored: Any, name: str, licence: str, load_as: str) -> str:
+def model_card(restored: Restored, name: str, licence: str, load_as: str) -> str:
     """README.md: what the model tells apart, from which data, trained how, scoring what."""
     cfg, names, dc = restored.cfg, restored.class_names, restored.data_config
     summary, evaluation, overrides = _run_files(restored.run_dir)
@@ -194,7 +199,7 @@ def _place(built: Path, output: Path) -> None:
         os.replace(built, output)
 
 
-def export_timm(restored: Any, output: Optional[Path] = None, licence: Optional[str] = None,
+def export_timm(restored: Restored, output: Optional[Path] = None, licence: Optional[str] = None,
                 repo: Optional[str] = None, rtol: float = RTOL, atol: float = ATOL) -> tuple[Path, Agreement]:
     """The timm folder of the checkpoint `restored` (commands/restore.py); (its path, its logits' agreement with
     the checkpoint's)."""

@@ -22,13 +22,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.commands.members import ENSEMBLE_FILE
 from transfer_cli.config.args import ANY_OVERRIDE, POSITIVE_INT, Option, parse_command_args
 from transfer_cli.config.overrides import override_key, parse, take
 from transfer_cli.errors import TransferError
+from transfer_cli.run_files import RunLayout, read_summary
+from transfer_cli.sweeps.records import RECORD_NAME
 
 KFOLD_FILE = "kfold.json"
 OPTIONS = {
@@ -97,7 +99,7 @@ def fold_state(run_dir: Path) -> str:
     from transfer_cli.resume.checkpoints import checkpoints_in
     from transfer_cli.run_dir import holds_a_run
 
-    if (run_dir / "summary.json").is_file():
+    if RunLayout(run_dir).summary.is_file():
         return "done"
     if run_dir.is_dir() and checkpoints_in(run_dir):
         return "resume"
@@ -142,7 +144,7 @@ def run_folds(folder: Path, k: int, train_args: list[str], monitor: str, mode: s
         state = fold_state(run_dir)
         if state == "done":
             print(f"kfold: fold {i} finished earlier ({run_dir}): skipped", flush=True)
-            if not (run_dir / "job.json").is_file():  # finished, but this command stopped before recording it
+            if not (run_dir / RECORD_NAME).is_file():  # finished, but this command stopped before recording it
                 _record_job(run_dir, [*train_args, f"data.folds={k}", f"data.fold={i}"], monitor, mode, None)
             done.append("finished earlier")
             continue
@@ -169,8 +171,8 @@ def results(folder: Path, k: int) -> tuple[list[dict], dict[str, dict]]:
     """(each fold's numbers from its summary.json, {metric: {mean, std, values}}); std is the sample std (n - 1)."""
     folds = []
     for i in range(k):
-        summary = json.loads((fold_dir(folder, i) / "summary.json").read_text())
-        row = {"fold": i, "run_dir": fold_dir(folder, i).name, "epochs": summary.get("epochs"),
+        summary: dict[str, Any] = dict(read_summary(fold_dir(folder, i)))  # read by the names in METRICS
+        row: dict[str, Any] = {"fold": i, "run_dir": fold_dir(folder, i).name, "epochs": summary.get("epochs"),
                "train_size": summary.get("train_size"), "val_size": summary.get("val_size"),
                "test_size": summary.get("test_size")}
         row.update({m: summary[m] for m in METRICS if summary.get(m) is not None})

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from transfer_cli.errors import TransferError
+from transfer_cli.run_files import RunLayout
 
 ENSEMBLE_FILE = "ensemble.json"
 
@@ -89,7 +90,7 @@ def _checked(refs: tuple[Path, ...], weights: Any, folder: Optional[Path], where
             raise TransferError(f"{where}: member {ref} does not exist",
                                 "each member is a run dir or a .ckpt of `transfer train`")
         if ref.suffix.lower() == ".onnx" or (ref.is_dir() and (ref / "model.onnx").is_file()
-                                             and not (ref / "checkpoints").is_dir()):
+                                             and not RunLayout(ref).checkpoints.is_dir()):
             raise TransferError(f"{where}: member {ref} is an exported file; members are checkpoints",
                                 "name the members' run dirs; `transfer export ckpt=[...]` exports the ensemble as one "
                                 "file")

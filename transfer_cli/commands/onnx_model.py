@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from transfer_cli.errors import TransferError
+from transfer_cli.run_files import RunLayout
 
 log = logging.getLogger("transfer_cli")
 
@@ -39,7 +40,7 @@ def find_onnx(ref: str | Path) -> Optional[Path]:
             raise TransferError(f"ckpt={ref}: no such ONNX file",
                                 "transfer export ckpt=<run dir> format=onnx writes one (<run dir>/export/model.onnx)")
         return path.resolve()
-    if path.is_dir() and (path / DEFAULT_FILE).is_file() and not (path / "checkpoints").is_dir():
+    if path.is_dir() and (path / DEFAULT_FILE).is_file() and not RunLayout(path).checkpoints.is_dir():
         return (path / DEFAULT_FILE).resolve()
     return None
 

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from transfer_cli.atomic import atomic_write_text
 from transfer_cli.commands.onnx_model import (
@@ -29,6 +29,9 @@ from transfer_cli.commands.onnx_model import (
 from transfer_cli.config.args import BOOL, CHECKPOINTS, POSITIVE_INT, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.outputs import output_file
+
+if TYPE_CHECKING:  # the name only: restore.py brings OmegaConf and the model code, loaded when a command runs
+    from transfer_cli.commands.restore import Restored
 
 log = logging.getLogger("transfer_cli")
 DEFAULT_NAME = "predictions.csv"
@@ -86,7 +89,7 @@ def list_inputs(source: str | Path) -> list[str]:
     return [str(path)]
 
 
-def input_batches(restored: Any, paths: list[str]) -> tuple[Any, Any, Callable[[Any], Any]]:
+def input_batches(restored: Restored, paths: list[str]) -> tuple[Any, Any, Callable[[Any], Any]]:
     """(loader, unreadable, prepare) reading `paths` as the checkpoint's network sees them (its eval transform), for
     inference.infer: each sample's label is its position in `paths`, so the readable ones are found again after
     unreadable ones drop out, and `prepare` records those in `unreadable` (a BadImages with room for them all)."""
@@ -141,7 +144,7 @@ def predict(ckpt: str | Path, source: str | Path, output: str | Path = "predicti
                               restored.threshold, topk, output, stored_calibration(restored, calibrated))
 
 
-def _checkpoint_logits(restored: Any, paths: list[str]) -> tuple[Any, Any, list[tuple[str, str]]]:
+def _checkpoint_logits(restored: Restored, paths: list[str]) -> tuple[Any, Any, list[tuple[str, str]]]:
     """(logits, positions in `paths`, unreadable (path, reason)) of a restored checkpoint, with its preprocessing,
     eval.tta, precision and layout."""
     from transfer_cli.inference import autocast_for, infer, pick_device, place_model

@@ -19,11 +19,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from transfer_cli.config.args import CHECKPOINTS, Option, parse_command_args
 from transfer_cli.errors import TransferError
 from transfer_cli.resume.plan import SOUP_KEY
+
+if TYPE_CHECKING:  # the name only: restore.py brings OmegaConf and the model code, loaded when a command runs
+    from transfer_cli.commands.restore import Restored
 
 log = logging.getLogger("transfer_cli")
 
@@ -144,7 +147,7 @@ def _scorer(cfg: Any, task: str, n: int) -> tuple[str, bool, Callable[[Any, Any]
     return monitor, mode == "max", metric
 
 
-def _val_data(members: Sequence[_Member], restored: Any, overrides: Sequence[str]) -> Any:
+def _val_data(members: Sequence[_Member], restored: Restored, overrides: Sequence[str]) -> Any:
     """The val images all members share, read as the first does; None when they hold different val splits (or
     none)."""
     from omegaconf import OmegaConf
@@ -195,7 +198,8 @@ def _cook(members: list[_Member], spec: Any, method: str, out_dir: Path, overrid
     from transfer_cli.commands.evaluate import collect_logits
     from transfer_cli.commands.restore import MODEL_PREFIX, restore
     from transfer_cli.models.soup import average_state_dicts, greedy_soup
-    from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, CHECKPOINT_KEY
+    from transfer_cli.resume.checkpoints import CHECKPOINT_KEY
+    from transfer_cli.run_files import RunLayout
     from transfer_cli.training.calibration import fit_calibration
 
     restored = restore(members[0].path, overrides)  # one network, whose weights each candidate replaces
@@ -244,7 +248,7 @@ def _cook(members: list[_Member], spec: Any, method: str, out_dir: Path, overrid
     checkpoint = {"state_dict": state, CHECKPOINT_KEY: meta, "epoch": base.get("epoch", 0),
                   "global_step": base.get("global_step", 0),
                   "pytorch-lightning_version": base.get("pytorch-lightning_version")}
-    path = atomic_torch_save(checkpoint, out_dir / CHECKPOINT_DIR / "best.ckpt")
+    path = atomic_torch_save(checkpoint, RunLayout(out_dir).best)
     record["checkpoint"] = str(path)
     if block is not None:
         record["calibration"] = {k: block[k] for k in ("temperature", "threshold", "ece_val_before", "ece_val_after")}

@@ -114,7 +114,7 @@ class TransferConfig:
                               "partial and gradual_unfreeze; random: timm's init.")
     # transfer=lora: low-rank adapters (the peft library) beside frozen backbone weights; merged on export.
     lora_rank: int = key(8, within="[1, inf)", example=4, help='lora: the rank r of each adapter (B A, B zero at init)')
-    lora_alpha: float = key(16.0, within="(0, inf)", help="lora: the adapters' output is scaled by alpha / r")
+    lora_alpha: int = key(16, within="[1, inf)", help="lora: the adapters' output is scaled by alpha / r")
     lora_dropout: float = key(0.0, within="[0, 1)", example=0.1, help="lora: dropout on the adapters' input")
     lora_targets: List[str] = key(factory=list,
                                   help="lora: regexes searched in the backbone's module names (blocks.0.attn.qkv; "

@@ -61,12 +61,12 @@ def adapter_targets(backbone: nn.Module, stages: Sequence[Stage], patterns: Sequ
     return list(dict.fromkeys(chosen))
 
 
-def add_adapters(backbone: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float) -> None:
+def add_adapters(backbone: nn.Module, targets: Sequence[str], rank: int, alpha: int, dropout: float) -> None:
     """LoRA layers in place of `targets` in `backbone`; each starts as the identity update (B = 0)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     # Full names, so peft's suffix matching cannot pick up a second layer of the same local name.
-    config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
+    config = LoraConfig(r=int(rank), lora_alpha=int(alpha), lora_dropout=float(dropout),
                         target_modules=list(targets), bias="none")
     inject_adapter_in_model(config, backbone, adapter_name=ADAPTER)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.errors import TransferError
+from transfer_cli.run_files import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/{best,last}.ckpt
 CHECKPOINT_KEY = "transfer"  # our block inside every checkpoint (TransferModule.on_save_checkpoint)
 log = logging.getLogger("transfer_cli")
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 from transfer_cli.atomic import leftover_temp_files
-from transfer_cli.resume.checkpoints import CHECKPOINT_DIR, checkpoint_meta, read_checkpoint
+from transfer_cli.resume.checkpoints import checkpoint_meta, read_checkpoint
 from transfer_cli.resume.fingerprint import check_fingerprint
 from transfer_cli.resume.plan import resume_command
 from transfer_cli.resume.signals import SIGTERMException, exit_status, graceful_stop
+from transfer_cli.run_files import RunLayout
 
 log = logging.getLogger("transfer_cli")
 
@@ -59,7 +60,7 @@ def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, r
             raise
         _quiet_exit()
         # Ctrl+C twice: Lightning stopped at once (and exits 1); say so, and how to continue from the last save.
-        last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+        last = RunLayout(run_dir).last
         if trainer.is_global_zero:
             hint = f"resume from the last checkpoint with: {resume_command(run_dir)}" if last.is_file() \
                 else "no checkpoint was saved yet"

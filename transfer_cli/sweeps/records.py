@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from transfer_cli.atomic import atomic_write_json
+from transfer_cli.run_files import RunLayout
 
 RECORD_NAME = "job.json"
 
@@ -43,7 +44,7 @@ def _finite(value: Any) -> Optional[float]:
 
 def metric_history(run_dir: Path, metric: str) -> list[float]:
     """The per-epoch values of `metric` in the run's metrics.csv (empty when there is no CSV log)."""
-    path = run_dir / "metrics.csv"
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -59,7 +60,7 @@ def best_of(values: list[float], mode: str) -> Optional[float]:
 
 def run_outcome(run_dir: Path, monitor: str, mode: str) -> dict[str, Any]:
     """Best monitored value, epochs and headline numbers of a run, from the files the run leaves behind."""
-    summary_path = run_dir / "summary.json"
+    summary_path = RunLayout(run_dir).summary
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     history = metric_history(run_dir, monitor)
     best = best_of(history, mode)

@@ -24,6 +24,7 @@ from transfer_cli.training.finite import FiniteWatch, check_weights
 from transfer_cli.training.freezing import FreezePlan
 from transfer_cli.training.mixing import mix_batch
 from transfer_cli.training.schedules import LRSchedule
+from transfer_cli.run_files import RunLayout
 
 log = logging.getLogger("transfer_cli")
 
@@ -158,7 +159,7 @@ class TransferModule(pl.LightningModule):
             layers = adapted_layers(self.model.backbone)
             if layers:  # transfer=lora: which layers carry an adapter (transfer.lora_targets matches these names)
                 entry["adapted_layers"] = layers
-            write_audit(Path(self.trainer.default_root_dir) / "audit.json", entry)
+            write_audit(RunLayout(Path(self.trainer.default_root_dir)).audit, entry)
 
     def configure_optimizers(self) -> tuple[list, list]:
         optimizer = self.make_optimizer(self.model)
