@@ -20,6 +20,28 @@ def test_help_lists_commands_and_groups_without_importing_torch():
     assert "HEAVY []" in out.stderr
 
 
+def test_every_command_names_a_function_and_every_command_function_has_a_name():
+    """A command is its module and its one record in cli.COMMANDS: the entry imports, and no *_command of a
+    commands/ module is left without a name users can type."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import transfer_cli.commands
+    from transfer_cli.cli import COMMANDS
+
+    entries = set()
+    for name, spec in COMMANDS.items():
+        module, _, function = spec.entry.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+        entries.add(spec.entry)
+    for info in pkgutil.iter_modules(transfer_cli.commands.__path__):
+        module = importlib.import_module(f"transfer_cli.commands.{info.name}")
+        for function, value in inspect.getmembers(module, inspect.isfunction):
+            if function.endswith("_command") and value.__module__ == module.__name__:
+                assert f"{module.__name__}:{function}" in entries, f"{module.__name__}.{function} has no command"
+
+
 @pytest.mark.parametrize(
     "args,expected",
     [

@@ -7,7 +7,7 @@ import csv
 import pytest
 from PIL import Image
 
-from transfer_cli.commands.screen import OPTIONS, candidates, screen, train_command
+from transfer_cli.commands.screen import OPTIONS, candidates, screen, command_to_train
 from transfer_cli.config.args import parse_command_args
 from transfer_cli.config.compose import as_schema, compose
 from transfer_cli.errors import TransferError
@@ -38,7 +38,7 @@ def test_screen_ranks_every_candidate_and_reruns_from_the_cache(tmp_path, make_i
     assert {(r.label, r.val_score) for r in again} == {(r.label, r.val_score) for r in rows}
 
     # The printed command trains the winner: the screen's overrides, its backbone and its preprocessing.
-    command = train_command(candidates(overrides)[0], rows[0])
+    command = command_to_train(candidates(overrides)[0], rows[0])
     assert command.startswith("transfer train ") and f"model.backbone={rows[0].backbone}" in command
     cfg = as_schema(compose(command.split()[2:]))
     assert cfg.model.backbone == rows[0].backbone and cfg.transfer.mode == "feature_extract"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Callable
+from dataclasses import dataclass
 
 from transfer_cli import __version__
 from transfer_cli.errors import TransferError, print_error
@@ -23,130 +24,52 @@ examples:
 """
 
 
-def _train(args: list[str]) -> None:
-    from transfer_cli.config.compose import check_overrides, own_data_defaults
-    from transfer_cli.hydra_app import run_train_app
-
-    args = own_data_defaults(args)  # your data, no experiment: the defaults of the transfer mode, not the demo's
-    check_overrides(args)
-    run_train_app(args)
+@dataclass(frozen=True)
+class Command:
+    summary: str  # the line of `transfer --help`
+    entry: str  # "module:function", the function taking the command's arguments; imported only when it runs,
+    # so `transfer --help` and a mistyped command load none of them
 
 
-def _augment_preview(args: list[str]) -> None:
-    from transfer_cli.commands.augment_preview import augment_preview  # imports torch only once the config has composed
-
-    print(f"wrote {augment_preview(args)}")
-
-
-def _lr_find(args: list[str]) -> None:
-    from transfer_cli.commands.lr_find import lr_find_command  # torch loads only once the command runs
-
-    lr_find_command(args)
-
-
-def _eval(args: list[str]) -> None:
-    from transfer_cli.commands.evaluate import eval_command  # torch loads only once the arguments are valid
-
-    eval_command(args)
-
-
-def _predict(args: list[str]) -> None:
-    from transfer_cli.commands.predict import predict_command
-
-    predict_command(args)
-
-
-def _export(args: list[str]) -> None:
-    from transfer_cli.commands.export import export_command
-
-    export_command(args)
-
-
-def _data_report(args: list[str]) -> None:
-    from transfer_cli.commands.data_report import data_report_command  # no torch: paths, headers, hashes
-
-    data_report_command(args)
-
-
-def _explain(args: list[str]) -> None:
-    from transfer_cli.commands.explain import explain_command
-
-    explain_command(args)
-
-
-def _soup(args: list[str]) -> None:
-    from transfer_cli.commands.soup import soup_command
-
-    soup_command(args)
-
-
-def _push(args: list[str]) -> None:
-    from transfer_cli.commands.hub import push_command
-
-    push_command(args)
-
-
-def _tune(args: list[str]) -> None:
-    from transfer_cli.sweeps.tune import tune_command  # Optuna loads once the arguments are valid
-
-    tune_command(args)
-
-
-def _screen(args: list[str]) -> None:
-    from transfer_cli.commands.screen import screen_command  # torch loads only once the arguments are valid
-
-    screen_command(args)
-
-
-def _kfold(args: list[str]) -> None:
-    from transfer_cli.commands.kfold import kfold_command  # torch loads only once the arguments are valid
-
-    kfold_command(args)
-
-
-def _sweep_summary(args: list[str]) -> None:
-    from transfer_cli.sweeps.summary import build_summary  # no torch: records, CSV, matplotlib
-
-    if len(args) != 1 or "=" in args[0]:
-        raise TransferError("sweep-summary takes one argument: the sweep dir",
-                            "transfer sweep-summary multirun/<name>/<date_time>")
-    summary = build_summary(args[0])
-    print("wrote " + ", ".join(str(p) for p in summary.files))
-
-
-COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
-    "train": ("train a classifier from the composed config (Hydra overrides: key=value, -m for sweeps)", _train),
-    "augment-preview": ("PNG grid of augmented training samples [overrides] [n=16] [output=FILE.png]",
-                        _augment_preview),
-    "lr-find": ("LR range test on the configured run: lr_find.png and the optimizer.lr to use [overrides] "
-                "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]", _lr_find),
-    "data-report": ("what the data holds: images per class and split, imbalance, sizes and modes, unreadable and "
-                    "duplicate files; data_report.json, class_distribution.png [data overrides] [output=DIR]",
-                    _data_report),
-    "tune": ("an Optuna study (search space: hparams_search=optuna, or 'key=interval(a,b)' ranges), pruned per epoch, "
-             "continued when run again [overrides] [tune.n_trials=20]", _tune),
-    "kfold": ("k-fold cross-validation: k runs, each holding out one fold, in <output>/fold_<i>; mean ± std of "
-              "the folds in kfold.json, the k models as an ensemble (ensemble.json); run again to continue "
-              "[k=5] [output=DIR] [transfer train overrides]", _kfold),
-    "sweep-summary": ("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) <sweep dir>",
-                      _sweep_summary),
-    "screen": ("rank backbones and preprocessing by a converged linear probe on cached features "
-               "model.backbone=a,b,c [data overrides] [crop_pct=own,1.0] [image_size=own,...] "
-               "[interpolation=own,...] [output=DIR]", _screen),
-    "eval": ("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, eval_report.json, "
-             "misclassified.csv, top_losses.png ckpt=<run dir|.ckpt|[a,b,...]> [split=test|val|train|all] [output=DIR] "
-             "[top_losses=16] [cam=0] [data.*=...] [eval.tta=...]", _eval),
-    "explain": ("Grad-CAM overlays: where the network looks ckpt=<run dir|.ckpt> input=<image|dir|csv> [output=DIR] "
-                "[target=<class>] [layer=<module>]", _explain),
-    "predict": ("predict images with a checkpoint or an exported ONNX file: one CSV row per image "
-                "ckpt=<run dir|.ckpt|[a,b,...]|model.onnx|export dir> "
-                "input=<image|dir|csv> [output=predictions.csv] [topk=3]", _predict),
-    "export": ("export a checkpoint with its preprocessing and class names, checked against PyTorch "
-               "ckpt=<run dir|.ckpt|[a,b,...]> format=onnx|torchscript|timm [output=FILE] [rtol=...] [atol=...]", _export),
-    "soup": ("average the weights of runs from one start into one checkpoint, uniformly or greedily on val "
-             "ckpt=[a,b,...] [method=uniform|greedy] [output=DIR]", _soup),
-    "push": ("export format=timm and upload it to the Hugging Face Hub ckpt=<run dir|.ckpt> repo=<user>/<name> "
-             "[private=false] [license=...]", _push),
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a classifier from the composed config (Hydra overrides: key=value, -m for sweeps)",
+                     "transfer_cli.commands.train:train_command"),
+    "augment-preview": Command("PNG grid of augmented training samples [overrides] [n=16] [output=FILE.png]",
+                               "transfer_cli.commands.augment_preview:augment_preview_command"),
+    "lr-find": Command("LR range test on the configured run: lr_find.png and the optimizer.lr to use [overrides] "
+                       "[output=DIR] [min_lr=1e-7] [max_lr=1] [num_training=100]",
+                       "transfer_cli.commands.lr_find:lr_find_command"),
+    "data-report": Command("what the data holds: images per class and split, imbalance, sizes and modes, unreadable "
+                           "and duplicate files; data_report.json, class_distribution.png [data overrides] "
+                           "[output=DIR]", "transfer_cli.commands.data_report:data_report_command"),
+    # tune's command lives with its engine (ask-and-tell, pruning, workers) in sweeps/tune.py
+    "tune": Command("an Optuna study (search space: hparams_search=optuna, or 'key=interval(a,b)' ranges), pruned per "
+                    "epoch, continued when run again [overrides] [tune.n_trials=20]",
+                    "transfer_cli.sweeps.tune:tune_command"),
+    "kfold": Command("k-fold cross-validation: k runs, each holding out one fold, in <output>/fold_<i>; mean ± std "
+                     "of the folds in kfold.json, the k models as an ensemble (ensemble.json); run again to continue "
+                     "[k=5] [output=DIR] [transfer train overrides]", "transfer_cli.commands.kfold:kfold_command"),
+    "sweep-summary": Command("rebuild sweep_summary.{csv,md,png} of a sweep dir (also an interrupted sweep) "
+                             "<sweep dir>", "transfer_cli.commands.sweep_summary:sweep_summary_command"),
+    "screen": Command("rank backbones and preprocessing by a converged linear probe on cached features "
+                      "model.backbone=a,b,c [data overrides] [crop_pct=own,1.0] [image_size=own,...] "
+                      "[interpolation=own,...] [output=DIR]", "transfer_cli.commands.screen:screen_command"),
+    "eval": Command("score a checkpoint: accuracy, per-class precision/recall/F1, confusion_matrix.png, "
+                    "eval_report.json, misclassified.csv, top_losses.png ckpt=<run dir|.ckpt|[a,b,...]> "
+                    "[split=test|val|train|all] [output=DIR] [top_losses=16] [cam=0] [data.*=...] [eval.tta=...]",
+                    "transfer_cli.commands.evaluate:eval_command"),
+    "explain": Command("Grad-CAM overlays: where the network looks ckpt=<run dir|.ckpt> input=<image|dir|csv> "
+                       "[output=DIR] [target=<class>] [layer=<module>]", "transfer_cli.commands.explain:explain_command"),
+    "predict": Command("predict images with a checkpoint or an exported ONNX file: one CSV row per image "
+                       "ckpt=<run dir|.ckpt|[a,b,...]|model.onnx|export dir> input=<image|dir|csv> "
+                       "[output=predictions.csv] [topk=3]", "transfer_cli.commands.predict:predict_command"),
+    "export": Command("export a checkpoint with its preprocessing and class names, checked against PyTorch "
+                      "ckpt=<run dir|.ckpt|[a,b,...]> format=onnx|torchscript|timm [output=FILE] [rtol=...] "
+                      "[atol=...]", "transfer_cli.commands.export:export_command"),
+    "soup": Command("average the weights of runs from one start into one checkpoint, uniformly or greedily on val "
+                    "ckpt=[a,b,...] [method=uniform|greedy] [output=DIR]", "transfer_cli.commands.soup:soup_command"),
+    "push": Command("export format=timm and upload it to the Hugging Face Hub ckpt=<run dir|.ckpt> "
+                    "repo=<user>/<name> [private=false] [license=...]", "transfer_cli.commands.hub:push_command"),
 }
 
 
@@ -158,7 +81,7 @@ def _help() -> str:
     lines.append("")
     lines.append("commands:")
     width = max(len(name) for name in COMMANDS) + 2
-    lines += [f"  {name:<{width}}{text}" for name, (text, _) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}{spec.summary}" for name, spec in COMMANDS.items()]
     lines.append("")
     lines.append("config groups (choose with group=option, e.g. transfer=fine_tune):")
     for group, options in config_groups().items():
@@ -199,7 +122,8 @@ def _main(argv: list[str]) -> None:
                 f"unknown command '{command}'",
                 f"did you mean `transfer {close[0]}`?" if close else f"commands: {', '.join(COMMANDS)}",
             )
-        COMMANDS[command][1](rest)
+        module, _, function = COMMANDS[command].entry.partition(":")
+        getattr(importlib.import_module(module), function)(rest)
     except TransferError as err:
         print_error(err)
         sys.exit(2)

@@ -123,4 +123,8 @@ def augment_preview(args: list[str]) -> Path:
     return save_figure(fig, output, dpi=100)
 
 
-__all__ = ["augment_preview", "parse_args"]
+def augment_preview_command(args: list[str]) -> None:
+    print(f"wrote {augment_preview(args)}")
+
+
+__all__ = ["augment_preview", "augment_preview_command", "parse_args"]

@@ -205,7 +205,7 @@ def write_csv(rows: list[ScreenRow], path: Path) -> Path:
     return atomic_write_text(path, out.getvalue())
 
 
-def train_command(rest: list[str], best: ScreenRow) -> str:
+def command_to_train(rest: list[str], best: ScreenRow) -> str:
     """The `transfer train` of the best candidate: the screen's overrides with its backbone and preprocessing."""
     import shlex
 
@@ -245,7 +245,7 @@ def screen_command(args: list[str]) -> None:
     print_table(rows)
     print(f"wrote {out_dir / CSV_NAME} and {out_dir / PNG_NAME}")
     print(f"best: {rows[0].label}, val {rows[0].metric} {rows[0].val_score:.4f}; train it with:")
-    print(f"  {train_command(rest, rows[0])}")
+    print(f"  {command_to_train(rest, rows[0])}")
 
 
-__all__ = ["screen", "screen_command", "ScreenRow", "candidates", "train_command", "OPTIONS"]
+__all__ = ["screen", "screen_command", "ScreenRow", "candidates", "command_to_train", "OPTIONS"]
