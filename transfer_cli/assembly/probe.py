@@ -70,14 +70,18 @@ def solver_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, trainer=trainer)
 
 
+def probe_settings(cfg: TrainConfig, splits: DataSplits) -> dict:
+    """The probe's arguments from the task and data settings: a run's probe and `transfer screen`'s are one."""
+    n = len(splits.class_names)
+    weights = class_weights(cfg.data.class_weights, splits.counts("train"), n) if cfg.task != "multilabel" else None
+    return {"num_classes": n, "multilabel": cfg.task == "multilabel",
+            "class_weights": None if weights is None else weights.tolist(), "seed": int(cfg.data.split_seed)}
+
+
 def probe_fit(cfg: TrainConfig, splits: DataSplits, features: Callable[[], Dict[str, TensorDataset]],
               purpose: str) -> ProbeFit:
     """The callback fitting the probe on `features()`; `purpose`: solver | init (for its log line)."""
-    n = len(splits.class_names)
-    weights = class_weights(cfg.data.class_weights, splits.counts("train"), n) if cfg.task != "multilabel" else None
-    return ProbeFit(features, num_classes=n, multilabel=cfg.task == "multilabel",
-                    class_weights=None if weights is None else weights.tolist(), resuming=bool(cfg.resume),
-                    seed=int(cfg.data.split_seed), purpose=purpose)
+    return ProbeFit(features, **probe_settings(cfg, splits), resuming=bool(cfg.resume), purpose=purpose)
 
 
 def init_features(cfg: TrainConfig, images: ImageDataModule, model: Classifier,
@@ -103,5 +107,5 @@ def head_fit(cfg: TrainConfig, splits: DataSplits, images: ImageDataModule, data
     return None
 
 
-__all__ = ["HEAD_SOLVERS", "head_solver", "solver_config", "probe_fit", "init_features",
+__all__ = ["HEAD_SOLVERS", "head_solver", "solver_config", "probe_settings", "probe_fit", "init_features",
            "head_fit"]

@@ -128,10 +128,10 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
 
     from transfer_cli.assembly.data import discover, feature_pass, image_data
     from transfer_cli.assembly.model import build_model
+    from transfer_cli.assembly.probe import probe_settings
     from transfer_cli.config.compose import compose, own_data_defaults
     from transfer_cli.config.resolve import resolve_run
     from transfer_cli.inference import autocast_for, pick_device
-    from transfer_cli.training.losses import class_weights
     from transfer_cli.training.probe_head import fit_probe_on_splits
 
     rest, backbones = candidates(overrides)
@@ -161,12 +161,7 @@ def screen(overrides: list[str], crop_pcts: tuple, image_sizes: tuple, interpola
             features = feature_pass(cfg, images, model, device, autocast_for(device, cfg.trainer.precision),
                                     views=0).run(("train", "val"))
             seconds = time.perf_counter() - started
-            counts = splits.counts("train")
-            weights = class_weights(cfg.data.class_weights, counts, len(counts)) if cfg.task != "multilabel" else None
-            probe = fit_probe_on_splits(features.tensors, num_classes=len(splits.class_names),
-                                        multilabel=cfg.task == "multilabel",
-                                        class_weights=None if weights is None else weights.tolist(), device=device,
-                                        seed=int(cfg.data.split_seed))
+            probe = fit_probe_on_splits(features.tensors, **probe_settings(cfg, splits), device=device)
             computed = sum(len(t.tensors[1]) for t in features.tensors.values())
             rows.append(ScreenRow(
                 backbone=cfg.model.backbone, crop_pct=used[0], image_size=used[1], interpolation=used[2],
