@@ -14,8 +14,11 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
+from sqlalchemy.exc import SQLAlchemyError
 
+from transfer_cli.errors import TransferError
 from transfer_cli.tracking.tracker_run import ExperimentRun, TrackerContext
 
 SQLITE = "sqlite:///"
@@ -37,6 +40,41 @@ def absolute_uri(uri: str) -> str:
     return f"{SQLITE}{db}"
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+DAMAGED = "not an SQLite database (the file does not start with SQLite's header)"
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A SQLite store that cannot work, refused at once: MLflow itself would retry opening an unopenable file
+    for about 100 s before failing with a traceback. A missing or empty file is a new store."""
+    if not uri.startswith(SQLITE):
+        return
+    db = Path(uri[len(SQLITE):])
+    if db.is_file():
+        with open(db, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        if head and head != SQLITE_MAGIC:
+            raise _store_error(uri, DAMAGED)
+    # SQLite writes the database and, beside it, its journal: both the file and its folder must be writable
+    for path in (db, db.parent) if db.exists() else (db.parent,):
+        if not os.access(path, os.W_OK):
+            raise _store_error(uri, f"{path} is not writable")
+
+
+def _store_error(uri: str, err: BaseException | str) -> TransferError:
+    """What a user can do about a store MLflow cannot open or write: never touch it, point elsewhere."""
+    reason = err if isinstance(err, str) else " ".join(str(getattr(err, "orig", None) or err).split())[:300]
+    where = uri[len(SQLITE):] if uri.startswith(SQLITE) else uri
+    if reason == DAMAGED or "not a database" in reason or "malformed" in reason:
+        fix = (f"move the damaged file aside (mv '{where}' '{where}.damaged') or use another store: "
+               "logger.tracking_uri=sqlite:///<folder>/mlflow.db; or train without MLflow: logger=csv")
+    else:
+        fix = ("use a store you may write to: logger.tracking_uri=sqlite:///<writable folder>/mlflow.db; "
+               "or train without MLflow: logger=csv")
+    what = reason if isinstance(err, str) else f"{type(err).__name__}: {reason}"
+    return TransferError(f"cannot use the MLflow store {where}: {what}", fix)
+
+
 def _artifact_location(uri: str) -> Optional[str]:
     """A SQLite store's artifacts beside the database (MLflow would otherwise pick a folder under the cwd)."""
     if not uri.startswith(SQLITE):
@@ -49,9 +87,18 @@ class MLflowRun(MLFlowLogger, ExperimentRun):
 
     def __init__(self, tracking_uri: str, ctx: TrackerContext, run_id: Optional[str] = None):
         tags = {**ctx.tags, "transfer.run_dir": str(ctx.run_dir)}
-        tracking_uri = absolute_uri(tracking_uri)
-        super().__init__(experiment_name=ctx.experiment, run_name=ctx.run_name, tracking_uri=tracking_uri,
-                         tags=tags, artifact_location=_artifact_location(tracking_uri), run_id=run_id)
+        # The store is opened and the run created (or reopened) here, while the run is being built: a store that
+        # is damaged, read-only or unreachable stops the run before any training rather than at its first
+        # logged metric, with the user's file left as it is (the user asked for MLflow: a run quietly missing
+        # from it would be lost work, so there is no fallback to metrics.csv alone).
+        try:
+            tracking_uri = absolute_uri(tracking_uri)
+            check_sqlite_store(tracking_uri)
+            super().__init__(experiment_name=ctx.experiment, run_name=ctx.run_name, tracking_uri=tracking_uri,
+                             tags=tags, artifact_location=_artifact_location(tracking_uri), run_id=run_id)
+            self.experiment  # noqa: B018 - Lightning's lazy property: opens the store, creates the run
+        except (MlflowException, SQLAlchemyError, OSError) as e:
+            raise _store_error(tracking_uri, e) from e
         self.uri = tracking_uri
         self.resumed = run_id is not None
 
