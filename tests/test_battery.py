@@ -138,18 +138,25 @@ def test_case5_bad_images_in_every_split_of_a_fine_tune_run_are_skipped_and_name
 # ---------------------------------------------------------------- 2: the MLflow store
 
 
-def test_case2_an_mlflow_store_that_is_not_a_database_stops_the_run_before_training(tmp_path):
+@pytest.mark.parametrize("store_kind", ["sqlite file", "folder"])
+def test_case2_an_mlflow_store_of_garbage_stops_the_run_before_training(tmp_path, store_kind):
     pytest.importorskip("mlflow")
     root = _make_image_folder(tmp_path / "d")
-    store = tmp_path / "store" / "mlflow.db"
-    store.parent.mkdir()
-    store.write_bytes(os.urandom(4096))  # garbage where the database should be
-    before = store.read_bytes()
+    folder = tmp_path / "store"
+    folder.mkdir()
+    if store_kind == "sqlite file":
+        garbage, uri = folder / "mlflow.db", f"sqlite:///{folder / 'mlflow.db'}"
+        message, fix = f"cannot use the MLflow store {garbage}: not an SQLite database", f"mv '{garbage}'"
+    else:  # a folder store (./mlruns) whose experiment record is garbage
+        garbage, uri = folder / "0" / "meta.yaml", folder.as_uri()
+        message, fix = f"cannot use the MLflow store {uri}: MlflowException", "sqlite:///<folder>/mlflow.db"
+    garbage.parent.mkdir(exist_ok=True)
+    garbage.write_bytes(os.urandom(4096))
+    before = tree_hash(folder)
     with pytest.raises(TransferError) as err:
-        train(tiny_cfg(tmp_path, root, *HEAD, "logger=mlflow", f"logger.tracking_uri=sqlite:///{store}"))
-    assert f"cannot use the MLflow store {store}: not an SQLite database" in err.value.message
-    assert f"mv '{store}' '{store}.damaged'" in err.value.fix and "logger=csv" in err.value.fix
-    assert store.read_bytes() == before and sorted(p.name for p in store.parent.iterdir()) == ["mlflow.db"]
+        train(tiny_cfg(tmp_path, root, *HEAD, "logger=mlflow", f"logger.tracking_uri={uri}"))
+    assert message in err.value.message and fix in err.value.fix and "logger=csv" in err.value.fix
+    assert tree_hash(folder) == before  # the user's store as it was
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
     # nothing lost: the same run dir takes the run once the store is dealt with
     assert train(tiny_cfg(tmp_path, root, *HEAD, "logger=csv"))["val_acc"] is not None

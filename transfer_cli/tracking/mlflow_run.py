@@ -16,7 +16,11 @@ from typing import Any, Optional, Sequence
 
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
-from sqlalchemy.exc import SQLAlchemyError
+
+try:
+    from sqlalchemy.exc import SQLAlchemyError
+except ImportError:  # mlflow-skinny: no SQL stores, so no SQLAlchemy and none of its errors
+    SQLAlchemyError = MlflowException  # type: ignore[misc,assignment]
 
 from transfer_cli.errors import TransferError
 from transfer_cli.tracking.tracker_run import ExperimentRun, TrackerContext
@@ -68,6 +72,9 @@ def _store_error(uri: str, err: BaseException | str) -> TransferError:
     if reason == DAMAGED or "not a database" in reason or "malformed" in reason:
         fix = (f"move the damaged file aside (mv '{where}' '{where}.damaged') or use another store: "
                "logger.tracking_uri=sqlite:///<folder>/mlflow.db; or train without MLflow: logger=csv")
+    elif "filesystem tracking backend" in reason:  # MLflow 3 refuses folder (./mlruns) stores for new runs
+        fix = ("use a SQLite store: logger.tracking_uri=sqlite:///<folder>/mlflow.db (`mlflow migrate-filestore` "
+               "moves a folder store's runs into one); or train without MLflow: logger=csv")
     else:
         fix = ("use a store you may write to: logger.tracking_uri=sqlite:///<writable folder>/mlflow.db; "
                "or train without MLflow: logger=csv")
