@@ -79,6 +79,10 @@ def _before_hydra(args: list[str], resuming: bool) -> None:
         for target in (run_dir or "outputs", take(args, "paths.output_dir")[0]):
             if target is not None:
                 check_outside_data(target, typed.data.source, typed.data.root)
+        if typed.logger.mlflow:  # a damaged or read-only store: refused now, not after the data and model load
+            from transfer_cli.tracking.mlflow_store import check_sqlite_store, run_store
+
+            check_sqlite_store(run_store(typed.logger.tracking_uri))
     if run_dir is not None and not other and not is_child_rank():
         claim(Path(run_dir), resuming=resuming)  # created and locked now, so Hydra writes .hydra/ into our dir
     sweep_dir = take(args, "hydra.sweep.dir")[0]
