@@ -70,6 +70,7 @@ def spaced(tmp_path_factory):
 
 def test_case1_unicode_and_spaces_survive_train_eval_predict_export(spaced):
     base, root, run = spaced
+    assert sorted(p.name for p in base.iterdir()) == ["my data é", "run dir ü"]  # the quoted run dir, no stray '"/'
     # unquoted, Hydra cannot parse the space: refused with the quoting that works, before anything runs
     message = refused(transfer("train", "data=imagefolder", f"data.root={root}", cwd=base, probe=True),
                       "could not parse the overrides")
