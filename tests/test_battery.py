@@ -74,7 +74,7 @@ def test_case1_unicode_and_spaces_survive_train_eval_predict_export(spaced):
     # unquoted, Hydra cannot parse the space: refused with the quoting that works, before anything runs
     message = refused(transfer("train", "data=imagefolder", f"data.root={root}", cwd=base, probe=True),
                       "could not parse the overrides")
-    assert 'data.root="/my data/images"' in message
+    assert f"""fix: quote the value for Hydra too: 'data.root="{root}"'""" in message
     ckpt = load_ckpt(run / "checkpoints" / "best.ckpt")
     assert ckpt["transfer"]["class_names"] == list(CLASSES)
     assert json.loads((run / "summary.json").read_text())["class_names"] == list(CLASSES)

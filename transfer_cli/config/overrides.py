@@ -74,6 +74,11 @@ def parse(args: Sequence[str], fix: str = QUOTING_FIX) -> list[Any]:
     try:
         return OverridesParser.create().parse_overrides(list(args))
     except HydraException as e:
+        spaced = [a for a in args if " " in (override_value(a) or "") and unquoted(override_value(a) or "") ==
+                  override_value(a)]
+        if spaced and fix == QUOTING_FIX:  # the usual cause: a path with a space, quoted for the shell only
+            key, value = spaced[0].split("=", 1)
+            fix = f"quote the value for Hydra too: '{key}=\"{value}\"' (the outer quotes are for the shell)"
         raise TransferError(f"could not parse the overrides: {str(e).splitlines()[0]}", fix) from None
 
 
