@@ -100,6 +100,31 @@ def test_touched_image_recomputes_only_its_split(tmp_path, tiny_imagefolder):
     assert len(new) == 1 and next(iter(new)).startswith("train-")
 
 
+def test_image_rewritten_with_the_same_size_and_mtime_is_recomputed(tmp_path, tiny_imagefolder):
+    """The hostile battery's case 5 (tests/test_battery.py): an image's pixels replaced in place, its size and
+    mtime put back (os.utime, as `touch -r` or `cp -p` would). The key holds the ctime, which any such write sets
+    to the present; the bytes are not hashed (that would read the whole data set on every run)."""
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1")
+    first, _ = fit_counting_backbone_calls(cfg, tmp_path / "run1")
+    image = sorted((tiny_imagefolder / "train" / "cat").glob("*.png"))[0]
+    st = image.stat()
+    rng = np.random.default_rng(7)
+    for _ in range(100):  # PNG sizes vary with the pixels: draw a dog-coloured image of exactly the same size
+        candidate = tmp_path / "candidate.png"
+        class_image(1, 32, rng).save(candidate)
+        if candidate.stat().st_size == st.st_size:
+            break
+    else:
+        pytest.skip("no same-size replacement drawn")
+    image.write_bytes(candidate.read_bytes())
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    second, calls = fit_counting_backbone_calls(cfg, tmp_path / "run2")
+    assert (second.misses, second.hits) == (1, 1) and calls > 0  # train recomputed, val read back
+    assert not torch.equal(first.tensors["train"].tensors[0], second.tensors["train"].tensors[0])
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "tampered", "wrong_rows"])
 def test_damaged_cache_file_is_rebuilt_with_a_warning(tmp_path, tiny_imagefolder, caplog, damage):
     cfg = tiny_cfg(tmp_path, tiny_imagefolder, *CACHED, "trainer.max_epochs=1")

@@ -10,7 +10,7 @@ from typing import Any
 from transfer_cli.config.overrides import take
 from transfer_cli.errors import TransferError, from_os_error, print_error
 from transfer_cli.resume.plan import is_resume, resume_command, resume_launch
-from transfer_cli.run_dir import claim, is_child_rank, register_resolver, release
+from transfer_cli.run_dir import check_outside_data, claim, is_child_rank, register_resolver, release
 from transfer_cli.sweeps.callback import LAST_SWEEP
 from transfer_cli.sweeps.distributed import relaunchable_job, remember_entry
 from transfer_cli.sweeps.plugins import check_plugins
@@ -72,9 +72,17 @@ def _before_hydra(args: list[str], resuming: bool) -> None:
     from transfer_cli.config.compose import as_schema, compose
 
     other = [a for a in args if a.split("=", 1)[0] in HYDRA_ONLY_FLAGS]  # --cfg, --help, -m, ...: no single run now
-    if not resuming and not other and not any(a.startswith("-") for a in args):
-        as_schema(compose(args))  # a single run: compose it now (a sweep's jobs are checked one by one)
     run_dir = take(args, "hydra.run.dir")[0]
+    if not resuming and not other and not any(a.startswith("-") for a in args):
+        typed = as_schema(compose(args))  # a single run: compose it now (a sweep's jobs are checked one by one)
+        # before Hydra or claim() makes the dir; the default run dirs are under ./outputs
+        for target in (run_dir or "outputs", take(args, "paths.output_dir")[0]):
+            if target is not None:
+                check_outside_data(target, typed.data.source, typed.data.root)
+        if typed.logger.mlflow:  # a damaged or read-only store: refused now, not after the data and model load
+            from transfer_cli.tracking.mlflow_store import check_sqlite_store, run_store
+
+            check_sqlite_store(run_store(typed.logger.tracking_uri))
     if run_dir is not None and not other and not is_child_rank():
         claim(Path(run_dir), resuming=resuming)  # created and locked now, so Hydra writes .hydra/ into our dir
     sweep_dir = take(args, "hydra.sweep.dir")[0]

@@ -5,7 +5,8 @@ that neither wrote alone), and a run started in a finished run's dir replaces it
 - the default run dir is claimed with an atomic mkdir, with a suffix when another run took that second's name;
 - a run holds `<run dir>/.transfer.lock` (PID, host, start time) from start to exit; a second run in the same dir
   is refused while the owner lives;
-- a dir that holds a finished or interrupted run is refused unless the run is resumed (`resume=`).
+- a dir that holds a finished or interrupted run is refused unless the run is resumed (`resume=`);
+- a run dir inside an image folder's root is refused (check_outside_data).
 Only the standard library is used here: these checks come before torch loads.
 """
 
@@ -113,6 +114,23 @@ def check_free(run_dir: Path, resuming: bool = False) -> None:
         )
 
 
+def check_outside_data(run_dir: str | Path, source: str, data_root: Optional[str]) -> None:
+    """Refuse a run dir in (or at) the root of a `data=imagefolder` data set: the next scan of that folder would
+    read the run dir, and the PNGs every run writes into it, as images of a class, and the run's files would be
+    mixed into the user's data. A CSV names its images, so its folder can hold runs."""
+    if source != "imagefolder" or not data_root:
+        return
+    root = Path(data_root).expanduser().resolve()
+    run = Path(run_dir).expanduser().resolve()
+    if run == root or root in run.parents:
+        raise TransferError(
+            f"the run dir {run} is inside the data folder data.root={root}: its files would be read as images "
+            "of a class by the next run and mixed into your data",
+            f"put runs outside {root}: set hydra.run.dir=<a folder outside it>, or run `transfer train` from "
+            "another folder (the default run dir is ./outputs/...)",
+        )
+
+
 def claim(run_dir: Path, resuming: bool = False) -> None:
     """Take `run_dir` for this process (released at exit), after check_free. A stale lock (its process died,
     e.g. killed with -9) is taken over when resuming."""
@@ -161,5 +179,5 @@ def is_child_rank() -> bool:
     return "LOCAL_RANK" in os.environ or os.environ.get("SLURM_PROCID", "0") not in ("", "0")
 
 
-__all__ = ["fresh_dir", "register_resolver", "check_free", "claim", "release", "held_dirs", "holds_a_run", "read_lock",
+__all__ = ["fresh_dir", "register_resolver", "check_free", "check_outside_data", "claim", "release", "held_dirs", "holds_a_run", "read_lock",
            "owner_alive", "is_child_rank", "LOCK_NAME"]

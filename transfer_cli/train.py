@@ -19,7 +19,7 @@ from transfer_cli.config.schema import TrainConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.reporting import print_config_tree, print_summary
 from transfer_cli.resume.fit import fit
-from transfer_cli.run_dir import claim, held_dirs, is_child_rank, release
+from transfer_cli.run_dir import check_outside_data, claim, held_dirs, is_child_rank, release
 from transfer_cli.tracking.trackers import close_trackers, finish_trackers
 from transfer_cli.run_files import RunLayout, RunSummary
 
@@ -106,6 +106,7 @@ def train(cfg: DictConfig | TrainConfig, callbacks: Sequence[pl.Callback] = ()) 
         raise TransferError("the run has no run dir (paths.output_dir is not set)",
                             "run it with `transfer train ...`, or set paths.output_dir=<folder>")
     run_dir = Path(typed.paths.output_dir)
+    check_outside_data(run_dir, typed.data.source, typed.data.root)
     owned = not is_child_rank() and run_dir not in held_dirs()
     if owned:  # the run owns its dir while it trains (the CLI took it already, before Hydra wrote into it)
         claim(run_dir, resuming=bool(typed.resume))

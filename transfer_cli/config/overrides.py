@@ -34,12 +34,22 @@ def names(args: Iterable[str], key: str) -> bool:
     return any(override_key(a) == key and "=" in a for a in args)
 
 
+def unquoted(value: str) -> str:
+    """A value as Hydra reads it when the whole of it is quoted (`"/my data"` -> `/my data`): how paths with
+    spaces are written for Hydra."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        inner = value[1:-1]
+        return inner.replace("\\" + value[0], value[0])  # Hydra's escaped quote of the same kind
+    return value
+
+
 def take(args: Sequence[str], key: str) -> tuple[Optional[str], list[str]]:
-    """(the value the last `key=` in `args` gives, or None; the other arguments)."""
+    """(the value the last `key=` in `args` gives, unquoted, or None; the other arguments)."""
     found, rest = None, []
     for arg in args:
         if override_key(arg) == key and "=" in arg:
-            found = override_value(arg)
+            value = override_value(arg)
+            found = None if value is None else unquoted(value)
         else:
             rest.append(arg)
     return found, rest
@@ -64,6 +74,11 @@ def parse(args: Sequence[str], fix: str = QUOTING_FIX) -> list[Any]:
     try:
         return OverridesParser.create().parse_overrides(list(args))
     except HydraException as e:
+        spaced = [a for a in args if " " in (override_value(a) or "") and unquoted(override_value(a) or "") ==
+                  override_value(a)]
+        if spaced and fix == QUOTING_FIX:  # the usual cause: a path with a space, quoted for the shell only
+            key, value = spaced[0].split("=", 1)
+            fix = f"quote the value for Hydra too: '{key}=\"{value}\"' (the outer quotes are for the shell)"
         raise TransferError(f"could not parse the overrides: {str(e).splitlines()[0]}", fix) from None
 
 
@@ -77,4 +92,5 @@ def list_value(arg: str) -> Optional[list]:
     return parsed if isinstance(parsed, list) else None
 
 
-__all__ = ["QUOTING_FIX", "later_wins", "list_value", "names", "override_key", "override_value", "parse", "take"]
+__all__ = ["QUOTING_FIX", "later_wins", "list_value", "names", "override_key", "override_value", "parse", "take",
+           "unquoted"]

@@ -2,8 +2,8 @@
 
 One entry holds one split (or one augmented view of the training split) through one backbone. Its key hashes
 the network (model config, class, a digest of every weight and buffer), the preprocessing, the precision and
-device, the library versions and the image files with their sizes and modification times. Change any of these
-and the key changes, so a stale entry is never read; it just stays on disk until the cache dir is cleared.
+device, the library versions and the image files with their sizes, modification and change times. Change any
+of these and the key changes, so a stale entry is never read; it just stays on disk until the cache dir is cleared.
 Entries are written atomically (transfer_cli/atomic.py), and each carries its shape and a checksum, so an
 interrupted write or a damaged file is reported and recomputed, never trusted.
 """
@@ -25,7 +25,8 @@ from transfer_cli.atomic import atomic_torch_save
 
 log = logging.getLogger("transfer_cli")
 
-FORMAT = 2  # bump when the entry layout or what goes into the key changes (2: views seeded by seeding.VIEW)
+FORMAT = 3  # bump when the entry layout or what goes into the key changes (2: views seeded by seeding.VIEW,
+# 3: files keyed by their ctime too)
 
 
 def cache_key(parts: Any) -> str:
@@ -51,15 +52,21 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def files_digest(samples: Sequence[Tuple[str, Any]]) -> List[list]:
-    """[path, label, size, mtime_ns] per sample: touching, replacing or relabelling an image changes it."""
+    """[path, label, size, mtime_ns, ctime_ns] per sample: touching, replacing or relabelling an image changes it.
+
+    The file's bytes are not hashed: that would read the whole data set on every run, a cache hit included. The
+    change time (ctime) stands in for them: every write, and every reset of the mtime (`touch -d`, `cp -p`,
+    os.utime), sets it to the present, and no tool can set it back, so an image rewritten with the same size and
+    an mtime put back is still seen as changed. A chmod or a restore from backup changes it too, which costs one
+    recomputation, never a stale feature."""
     rows = []
     for path, label in samples:
         try:
             st = os.stat(path)
-            size, mtime = st.st_size, st.st_mtime_ns
+            size, mtime, ctime = st.st_size, st.st_mtime_ns, st.st_ctime_ns
         except OSError:  # vanished since the scan: the loader will report it; the key must still differ
-            size, mtime = -1, -1
-        rows.append([str(path), label, size, mtime])
+            size, mtime, ctime = -1, -1, -1
+        rows.append([str(path), label, size, mtime, ctime])
     return rows
 
 

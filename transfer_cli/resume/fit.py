@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from transfer_cli.atomic import leftover_temp_files
 from transfer_cli.resume.checkpoints import checkpoint_meta, read_checkpoint
 from transfer_cli.resume.fingerprint import check_fingerprint
 from transfer_cli.resume.plan import resume_command
-from transfer_cli.resume.signals import SIGTERMException, exit_status, graceful_stop
+from transfer_cli.resume.signals import SIGTERMException, StopSignal, exit_status, graceful_stop, stop_before_training
 from transfer_cli.run_files import RunLayout
 
 log = logging.getLogger("transfer_cli")
@@ -24,6 +26,17 @@ def _quiet_exit() -> None:
     landed (the exit's own cleanup included), so it is ignored."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _again(run_dir: Path) -> str:
+    """How to continue a run stopped before its first step: from its checkpoint when resuming, else anew (the
+    features the pre-pass finished are in the feature cache and are read back, not recomputed)."""
+    if RunLayout(run_dir).last.is_file():
+        return f"resume with: {resume_command(run_dir)}"
+    # `transfer train` runs its job with argv = [entry, "train", <the job's overrides>] (sweeps/distributed.py)
+    command = "transfer " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["train"] else "the same command"
+    return ("nothing had trained, so there is nothing to resume; features the pre-pass finished are cached. "
+            f"Start it again: {command}")
 
 
 def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, run_dir: Path) -> None:
@@ -40,8 +53,14 @@ def fit(trainer: pl.Trainer, module: Any, datamodule: Any, resume: str | None, r
             leftover.unlink(missing_ok=True)
         log.info("resuming from %s", ckpt)
     try:
-        # weights_only: a resumed checkpoint is plain data, so loading it runs no code from the file
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True if ckpt else None)
+        with stop_before_training():  # setup (the feature pre-pass) runs before Lightning's signal handler
+            # weights_only: a resumed checkpoint is plain data, so loading it runs no code from the file
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt or None, weights_only=True if ckpt else None)
+    except StopSignal as stop:
+        _quiet_exit()
+        if trainer.is_global_zero:
+            print(f"\nstopped by signal ({stop.signum}) before training started; {_again(run_dir)}", flush=True)
+        raise SystemExit(exit_status(stop.signum)) from None
     except SIGTERMException:
         _quiet_exit()
         stop = graceful_stop(trainer)

@@ -9,23 +9,24 @@ logged after its last checkpoint appear twice in MLflow's history; metrics.csv d
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 
+try:
+    from sqlalchemy.exc import SQLAlchemyError
+except ImportError:  # mlflow-skinny: no SQL stores, so no SQLAlchemy and none of its errors
+    SQLAlchemyError = MlflowException  # type: ignore[misc,assignment]
+
+from transfer_cli.tracking.mlflow_store import SQLITE, check_sqlite_store, default_tracking_uri, run_store, store_error
 from transfer_cli.tracking.tracker_run import ExperimentRun, TrackerContext
 
-SQLITE = "sqlite:///"
 PARAM_VALUE_CHARS = 500  # every MLflow since 1.28 stores this much of a param value
 PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
 RESUMED_TAG = "resumed."  # a param a resume changed (MLflow params never change): its new value as a tag
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{Path.cwd() / 'outputs' / 'mlflow.db'}"
 
 
 def absolute_uri(uri: str) -> str:
@@ -49,9 +50,18 @@ class MLflowRun(MLFlowLogger, ExperimentRun):
 
     def __init__(self, tracking_uri: str, ctx: TrackerContext, run_id: Optional[str] = None):
         tags = {**ctx.tags, "transfer.run_dir": str(ctx.run_dir)}
-        tracking_uri = absolute_uri(tracking_uri)
-        super().__init__(experiment_name=ctx.experiment, run_name=ctx.run_name, tracking_uri=tracking_uri,
-                         tags=tags, artifact_location=_artifact_location(tracking_uri), run_id=run_id)
+        # The store is opened and the run created (or reopened) here, while the run is being built: a store that
+        # is damaged, read-only or unreachable stops the run before any training rather than at its first
+        # logged metric, with the user's file left as it is (the user asked for MLflow: a run quietly missing
+        # from it would be lost work, so there is no fallback to metrics.csv alone).
+        try:
+            tracking_uri = absolute_uri(tracking_uri)
+            check_sqlite_store(tracking_uri)
+            super().__init__(experiment_name=ctx.experiment, run_name=ctx.run_name, tracking_uri=tracking_uri,
+                             tags=tags, artifact_location=_artifact_location(tracking_uri), run_id=run_id)
+            self.experiment  # noqa: B018 - Lightning's lazy property: opens the store, creates the run
+        except (MlflowException, SQLAlchemyError, OSError) as e:
+            raise store_error(tracking_uri, e) from e
         self.uri = tracking_uri
         self.resumed = run_id is not None
 
@@ -82,7 +92,7 @@ def mlflow_logger(tracking_uri: Optional[str], ctx: TrackerContext) -> MLflowRun
     saved = ctx.saved.get("mlflow") or {}
     if ctx.resume_step is not None and saved.get("run_id"):
         return MLflowRun(str(saved["tracking_uri"]), ctx, run_id=str(saved["run_id"]))
-    return MLflowRun(tracking_uri or default_tracking_uri(), ctx)
+    return MLflowRun(run_store(tracking_uri), ctx)
 
 
 __all__ = ["MLflowRun", "mlflow_logger", "default_tracking_uri"]
