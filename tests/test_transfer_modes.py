@@ -153,6 +153,22 @@ def test_bn_train_policy_updates_statistics_of_frozen_stages_only(tmp_path, tiny
     assert changed and all("running" in k or "num_batches" in k for k in changed)
 
 
+def test_bn_eval_keeps_every_running_statistic_while_the_whole_network_trains(tmp_path, tiny_imagefolder):
+    """transfer.bn=eval: each BatchNorm normalizes with the pretrained statistics, so a probe fitted on eval-mode
+    features fits the network that fine-tunes (LP-FT); the norms' own weights still train."""
+    cfg = tiny_cfg(tmp_path, tiny_imagefolder, *TWO_EPOCHS, "transfer=fine_tune", "transfer.bn=eval",
+                   "augmentation=none", "trainer.max_epochs=1")
+    run, states = fit_with_snapshots(cfg)
+    before, after = states[0], states[-1]
+    statistics = [k for k in before if "running_" in k]
+    assert statistics and all(torch.equal(before[k], after[k]) for k in statistics)
+    norm_weights = [k for k in before if k.rpartition(".")[0] + ".running_mean" in before and k.endswith(".weight")]
+    assert norm_weights and any(not torch.equal(before[k], after[k]) for k in norm_weights)
+    run.model.train()
+    norms = [m for m in run.model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+
+
 def tiny_model_and_optimizer(mode, **kw):
     model = Classifier(timm.create_model(BACKBONE, num_classes=0), num_classes=3)
     cfg = transfer(mode=mode, **kw)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from transfer_cli.run_files import CHECKPOINT_DIR
 from transfer_cli.errors import TransferError
 from transfer_cli.run_dir import holds_a_run
 
@@ -31,7 +32,7 @@ def output_file(path: str | Path, default_name: str, *, inputs: Iterable[str | P
         if Path(source).expanduser().resolve() == target:
             raise TransferError(f"{option}={path} is one of this command's inputs; writing there would destroy it",
                                 f"{option}=<another file>, e.g. {option}={target.with_name(default_name)}")
-    if target.parent.name == "checkpoints" or target.suffix == ".ckpt":
+    if target.parent.name == CHECKPOINT_DIR or target.suffix == ".ckpt":
         raise TransferError(f"{option}={path} is inside a run's checkpoints", f"{option}=<a file outside it>")
     if target.exists() and (target.is_dir() or ours is None or not ours(target)):
         raise TransferError(f"{option}={path}: {target} exists and was not written by this command",

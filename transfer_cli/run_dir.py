@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Optional
 
 from transfer_cli.errors import TransferError
-from transfer_cli.run_files import RunLayout
+from transfer_cli.run_files import CHECKPOINT_DIR, METRICS, SUMMARY, RunLayout
 
 LOCK_NAME = ".transfer.lock"
 # What a run that trained leaves in its dir. Hydra's .hydra/ and train.log are written before a run starts, and a
 # run that failed before training leaves only those and config.yaml: neither counts as a run to protect.
-RUN_ARTIFACTS = ("checkpoints/*.ckpt", "summary.json", "metrics.csv")
+RUN_ARTIFACTS = (f"{CHECKPOINT_DIR}/*.ckpt", SUMMARY, METRICS)
 
 _FRESH: dict[str, str] = {}  # the dirs this process claimed, by the name asked for
 _HELD: set[Path] = set()

@@ -15,6 +15,7 @@ from typing import Any, Optional, TypedDict
 
 CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/{best,last}.ckpt
 LAST, BEST = "last.ckpt", "best.ckpt"
+SUMMARY, METRICS, CONFIG = "summary.json", "metrics.csv", "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,15 @@ class RunLayout:
 
     @property
     def config(self) -> Path:  # the resolved config the run trained with (the checkpoints carry it too)
-        return self.root / "config.yaml"
+        return self.root / CONFIG
 
     @property
     def summary(self) -> Path:  # written once, at the end: a run dir with it holds a finished run
-        return self.root / "summary.json"
+        return self.root / SUMMARY
 
     @property
     def metrics(self) -> Path:  # every logged value, one row per step or epoch (tracking/csv_logger.py)
-        return self.root / "metrics.csv"
+        return self.root / METRICS
 
     @property
     def audit(self) -> Path:  # the pre-flight audit of what trains, at fit start and each milestone
@@ -91,4 +92,4 @@ def read_summary(run_dir: Path) -> RunSummary:
     return summary
 
 
-__all__ = ["RunLayout", "RunSummary", "read_summary", "CHECKPOINT_DIR", "LAST", "BEST"]
+__all__ = ["RunLayout", "RunSummary", "read_summary", "CHECKPOINT_DIR", "LAST", "BEST", "SUMMARY", "METRICS", "CONFIG"]

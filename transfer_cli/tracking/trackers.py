@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from transfer_cli.run_files import CONFIG, SUMMARY
 from transfer_cli.atomic import atomic_write_json
 from transfer_cli.config.schema import LoggerConfig
 from transfer_cli.errors import TransferError
@@ -30,7 +31,7 @@ log = logging.getLogger("transfer_cli")
 
 RUNS_FILE = "trackers.json"  # {tracker name: the ids that find its run again}
 # Files of the run dir that trackers upload after the run, when they exist.
-RUN_FILES = ("config.yaml", "summary.json", "curves.png", "confusion_matrix.png", "data_report.json",
+RUN_FILES = (CONFIG, SUMMARY, "curves.png", "confusion_matrix.png", "data_report.json",
              "class_distribution.png", "audit.json")
 
 
