@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Set
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from transfer_cli.errors import TransferError
 from transfer_cli.models.adapters import is_adapter_param
 from transfer_cli.models.stages import BATCH_NORMS
 
+if TYPE_CHECKING:
+    from transfer_cli.models.classifier import Classifier
+
 _MAX_LISTED = 8
 
 
@@ -27,7 +30,7 @@ def _names(params: List[str]) -> str:
     return ", ".join(params[:_MAX_LISTED]) + more
 
 
-def check_consistency(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: Set[str]) -> None:
+def check_consistency(model: Classifier, optimizer: torch.optim.Optimizer, trainable: Set[str]) -> None:
     """Raise naming the parameters if requires_grad or optimizer membership disagree with `trainable`
     (backbone parameter names that the config says train now; the head always trains)."""
     owner: Dict[int, List[str]] = {}
@@ -57,7 +60,7 @@ def check_consistency(model: nn.Module, optimizer: torch.optim.Optimizer, traina
         )
 
 
-def audit_rows(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+def audit_rows(model: Classifier, optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
     """One row per stage (and the head): parameter counts, base LRs and weight decay of its groups, BN mode."""
     group_of = {}
     for group in optimizer.param_groups:

@@ -89,6 +89,7 @@ class EMA(EMAWeightAveraging):
                 self._lerp(averaged, current, None)
             for average, value in zip(averaged_other, current_other):  # e.g. BatchNorm's num_batches_tracked
                 average.copy_(average * self.decay + value * (1 - self.decay))
+        assert self._average_model is not None  # Lightning's setup built it; _gather found it
         self._average_model.n_averaged += 1  # on the device: no sync
         self._updates += 1
 

@@ -36,7 +36,10 @@ class EpochState:
         self.batches += 1  # counted here, in the step: a checkpoint written after this batch includes it
 
     def mean_loss(self) -> Optional[torch.Tensor]:
-        return None if self._sum is None else self._sum / self._count
+        if self._sum is None:
+            return None
+        assert self._count is not None  # add() and apply() set the sum and the count together
+        return self._sum / self._count
 
     def saved(self, epoch: int, epoch_batches: Any) -> Optional[dict]:
         """The checkpoint entry when the epoch is under way (neither before its first batch nor done)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Set
 
 from torch import nn
 
@@ -23,6 +23,9 @@ from transfer_cli.config.modes import transfer_mode
 from transfer_cli.errors import TransferError
 from transfer_cli.models.adapters import is_adapter_param
 from transfer_cli.models.stages import BATCH_NORMS, Stage, resolve_stage_refs
+
+if TYPE_CHECKING:
+    from transfer_cli.models.classifier import Classifier
 
 FOREVER = 10**9  # an epoch after every milestone: the set of parameters that ever train
 
@@ -169,11 +172,11 @@ class FreezePlan:
     def lr_scales(self) -> Dict[str, float]:
         return stage_lr_scales(self.transfer, self.stages)
 
-    def apply(self, model: nn.Module, epoch: int) -> Set[str]:
+    def apply(self, model: Classifier, epoch: int) -> Set[str]:
         return apply_freeze(model, self.transfer, epoch)
 
 
-def apply_freeze(model: nn.Module, transfer_cfg: Any, epoch: int) -> Set[str]:
+def apply_freeze(model: Classifier, transfer_cfg: Any, epoch: int) -> Set[str]:
     """Set requires_grad and BatchNorm modes on `model` (a Classifier) for `epoch`; returns the trainable names."""
     trainable = trainable_params(transfer_cfg, model.stages, epoch)
     for name, param in model.backbone.named_parameters():

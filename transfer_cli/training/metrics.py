@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MultilabelAveragePrecision,
@@ -41,6 +41,8 @@ class PresentLabelsAveragePrecision(MultilabelAveragePrecision):
     happens to miss a rare label would lower mAP for a reason that has nothing to do with the model.
     """
 
+    positives: torch.Tensor  # a metric state (add_state), which nn.Module's __getattr__ would type as Tensor | Module
+
     def __init__(self, num_labels: int):
         super().__init__(num_labels=num_labels, average=None)
         self.add_state("positives", default=torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
@@ -49,7 +51,8 @@ class PresentLabelsAveragePrecision(MultilabelAveragePrecision):
         super().update(preds, target)
         self.positives += target.sum(0).long()
 
-    def compute(self) -> torch.Tensor:
+    # As torchmetrics' own MultilabelAveragePrecision.compute: its base class computes curves (a tuple), AP a tensor.
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
         with warnings.catch_warnings():  # the labels it warns about are the ones left out below
             warnings.filterwarnings("ignore", message="No positive samples found in target")
             per_label = super().compute()
@@ -73,7 +76,9 @@ class LabelSetMetrics(MetricCollection):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
         return super().forward(*self._prepare(logits, target))
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+    # MetricCollection reuses ModuleDict's method name `update` for feeding its metrics (its own update(*args)
+    # overrides ModuleDict.update(modules) the same way).
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
         super().update(*self._prepare(logits, target))
 
 
@@ -84,11 +89,10 @@ def _class_metrics(num_classes: int, stage: str, threshold: float) -> MetricColl
 def _label_metrics(num_classes: int, stage: str, threshold: float) -> MetricCollection:
     threshold = check_threshold(threshold)
     # zero_division=1: a label that is neither present nor predicted was handled perfectly, not failed.
-    f1 = {"num_labels": num_classes, "threshold": threshold, "zero_division": 1.0}
-    label_metrics: dict[str, Any] = {
+    label_metrics: dict[str, Metric | MetricCollection] = {  # the value type MetricCollection takes
         "acc": MultilabelExactMatch(num_labels=num_classes, threshold=threshold),
-        "f1": MultilabelF1Score(average="macro", **f1),
-        "f1_micro": MultilabelF1Score(average="micro", **f1),
+        "f1": MultilabelF1Score(num_labels=num_classes, threshold=threshold, average="macro", zero_division=1.0),
+        "f1_micro": MultilabelF1Score(num_labels=num_classes, threshold=threshold, average="micro", zero_division=1.0),
     }
     # Exact AP keeps every score of the epoch; train scores come from augmented images anyway, so train skips it.
     if stage != "train":

@@ -11,7 +11,7 @@ confidence the mean probability the model gave to each of its own yes/no decisio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,25 @@ def rank_outcomes(logits: torch.Tensor, targets: torch.Tensor, names: Sequence[s
     return sorted(out, key=lambda o: (-o.loss, o.index))
 
 
-def most_confused(matrix: Sequence[Sequence[int]], names: Sequence[str], top: int = 10) -> list[dict]:
+class ConfusedPair(TypedDict):
+    """A row of most_confused (a plain dict at run time: evaluate writes it into its report as it is)."""
+    true: str
+    predicted: str
+    count: int
+    share_of_true: float
+
+
+class LabelErrors(TypedDict):
+    """A row of label_errors."""
+    label: str
+    missed: int
+    spurious: int
+    errors: int
+
+
+def most_confused(matrix: Sequence[Sequence[int]], names: Sequence[str], top: int = 10) -> list[ConfusedPair]:
     """The (true, predicted) pairs with the most images, from a multiclass confusion matrix (rows: true)."""
-    pairs = []
+    pairs: list[ConfusedPair] = []
     for i, row in enumerate(matrix):
         support = sum(row)
         for j, count in enumerate(row):
@@ -76,11 +92,14 @@ def most_confused(matrix: Sequence[Sequence[int]], names: Sequence[str], top: in
     return sorted(pairs, key=lambda p: (-p["count"], -p["share_of_true"], p["true"], p["predicted"]))[:top]
 
 
-def label_errors(matrices: Sequence[Sequence[Sequence[int]]], names: Sequence[str], top: int = 10) -> list[dict]:
+def label_errors(matrices: Sequence[Sequence[Sequence[int]]], names: Sequence[str],
+                 top: int = 10) -> list[LabelErrors]:
     """Multi-label: the labels with the most errors, from per-label [[TN, FP], [FN, TP]] matrices."""
-    rows = [{"label": name, "missed": int(m[1][0]), "spurious": int(m[0][1]), "errors": int(m[1][0] + m[0][1])}
-            for name, m in zip(names, matrices)]
+    rows: list[LabelErrors] = [
+        {"label": name, "missed": int(m[1][0]), "spurious": int(m[0][1]), "errors": int(m[1][0] + m[0][1])}
+        for name, m in zip(names, matrices)]
     return sorted((r for r in rows if r["errors"]), key=lambda r: (-r["errors"], r["label"]))[:top]
 
 
-__all__ = ["ImageOutcome", "rank_outcomes", "per_image_loss", "most_confused", "label_errors"]
+__all__ = ["ImageOutcome", "rank_outcomes", "per_image_loss", "most_confused", "label_errors", "ConfusedPair",
+           "LabelErrors"]

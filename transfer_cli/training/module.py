@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
 
 from transfer_cli.models.classifier import Classifier
 from transfer_cli.resume.checkpoints import CHECKPOINT_KEY
@@ -26,6 +27,9 @@ from transfer_cli.training.mixing import mix_batch
 from transfer_cli.training.schedules import LRSchedule
 from transfer_cli.run_files import RunLayout
 
+if TYPE_CHECKING:
+    from pytorch_lightning.utilities.types import OptimizerLRScheduler
+
 log = logging.getLogger("transfer_cli")
 
 
@@ -35,6 +39,10 @@ class TransferModule(pl.LightningModule):
     `checkpoint_block`: plain data (the resolved config, class names, preprocessing, the fingerprint) written
     into every checkpoint, so eval/predict/export need nothing else.
     """
+
+    # The transfer mode's plan shadows LightningModule.freeze(), Lightning's helper to freeze the whole module,
+    # which nothing here calls (the plan decides what trains); `module.freeze` is the plan for its users.
+    freeze: FreezePlan  # type: ignore[assignment]
 
     def __init__(self, model: Classifier, *, criterion: Callable, metrics: nn.ModuleDict,
                  optimizer: Callable[[Classifier], torch.optim.Optimizer], schedule: LRSchedule, freeze: FreezePlan,
@@ -53,8 +61,13 @@ class TransferModule(pl.LightningModule):
         self.channels_last = channels_last
         self.checkpoint_block = checkpoint_block or {}
         self.finite = FiniteWatch()
-        self.epoch = EpochState(metrics["train_metrics"])  # the training epoch's loss and metrics so far
+        self.epoch = EpochState(self._metrics("train"))  # the training epoch's loss and metrics so far
         self._audited: Optional[frozenset] = None
+
+    def _metrics(self, stage: str) -> MetricCollection:
+        metrics = self.metrics[f"{stage}_metrics"]
+        assert isinstance(metrics, MetricCollection)  # a ModuleDict holds any Module; metrics.py builds these
+        return metrics
 
     @property
     def meta(self) -> dict:
@@ -83,7 +96,7 @@ class TransferModule(pl.LightningModule):
         labels = target.argmax(dim=-1) if stage == "train" and self.mixup is not None else target
         # update, not forward: forward would also compute each batch's own value, which nothing reads. The
         # metrics are logged once, at the stage's epoch end (_log_metrics).
-        self.metrics[f"{stage}_metrics"].update(logits.detach(), labels)
+        self._metrics(stage).update(logits.detach(), labels)
         # The step loss stays out of Lightning's progress-bar dict: Lightning turns what is there into Python
         # floats after every batch, a device sync per step on a GPU. The bar shows it anyway, read at its own
         # refresh rate (tracking/progress.py).
@@ -95,7 +108,7 @@ class TransferModule(pl.LightningModule):
         return loss
 
     def _log_metrics(self, stage: str) -> None:
-        metrics = self.metrics[f"{stage}_metrics"]
+        metrics = self._metrics(stage)
         if any(metric.update_called for metric in metrics.values()):  # no batch: nothing to report
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
 
@@ -122,7 +135,9 @@ class TransferModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Read where Lightning syncs anyway (it logs every log_every_n_steps steps): no extra wait per step.
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        # Lightning's logger connector sets trainer.log_every_n_steps at init; the Trainer class does not declare it.
+        every = max(1, self.trainer.log_every_n_steps)  # type: ignore[attr-defined]
+        if (self.global_step + 1) % every == 0:
             self.finite.check(self.current_epoch)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -150,6 +165,7 @@ class TransferModule(pl.LightningModule):
 
     def _audit(self, trainable: frozenset) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
+        assert isinstance(optimizer, torch.optim.Optimizer)  # configure_optimizers returns one optimizer
         check_consistency(self.model, optimizer, set(trainable))
         self._audited = trainable
         if self.trainer.is_global_zero:
@@ -161,11 +177,13 @@ class TransferModule(pl.LightningModule):
                 entry["adapted_layers"] = layers
             write_audit(RunLayout(Path(self.trainer.default_root_dir)).audit, entry)
 
-    def configure_optimizers(self) -> tuple[list, list]:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         optimizer = self.make_optimizer(self.model)
         # A metric that only exists every k-th epoch must not stop the plateau schedule in the others.
         strict = (self.trainer.check_val_every_n_epoch or 1) == 1
-        return [optimizer], self.schedule.configs(optimizer, strict=strict)
+        # Lightning documents "two lists: optimizers, and LR schedulers or lr_scheduler_config dicts", but its
+        # OptimizerLRScheduler types the second list's configs as its LRSchedulerConfig dataclass only.
+        return [optimizer], self.schedule.configs(optimizer, strict=strict)  # type: ignore[return-value]
 
     def on_train_start(self) -> None:
         # The run's length is known now (and a resume has restored its step): the LR follows the schedule of the

@@ -32,7 +32,8 @@ def timm_optimizer_name(opt_cfg: Any) -> str:
 
     if opt_cfg.timm_opt:
         name = str(opt_cfg.timm_opt).lower()
-        known = list_optimizers()
+        # names only, since with_description is off (timm's return type also covers its (name, description) pairs)
+        known = [n for n in list_optimizers() if isinstance(n, str)]
         if name not in known:
             matches = close_matches(name, known)
             hint = f"did you mean {' or '.join(matches)}? " if matches else ""
@@ -60,8 +61,8 @@ def optimizer_kwargs(name: str, opt_cfg: Any) -> dict[str, Any]:
     return kwargs
 
 
-def kernel_flags(opt_class: type, device_type: str, given: dict[str, Any], clip: bool = False,
-                 mixed_precision: bool = False) -> tuple[dict[str, bool], Optional[str]]:
+def kernel_flags(opt_class: Callable[..., torch.optim.Optimizer], device_type: str, given: dict[str, Any],
+                 clip: bool = False, mixed_precision: bool = False) -> tuple[dict[str, bool], Optional[str]]:
     """(the implementation flag this optimizer gets, why it is not the fastest one, or None).
 
     On CUDA a `fused` optimizer updates every parameter in a few kernels, where the default (foreach) launches
@@ -100,6 +101,6 @@ def build_optimizer(groups: list[dict], opt_cfg: Any, device_type: str = "cpu", 
                  f" ({why})" if why else "")
     try:
         return create_optimizer_v2(groups, opt=name, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay,
-                                   **kwargs, **flags)
+                                   **{**kwargs, **flags})  # one dict: kernel_flags sets no key of `kwargs`
     except TypeError as e:  # a +optimizer.kwargs.X this optimizer does not take
         raise TransferError(f"optimizer {name} rejected an argument: {e}", "check the names under optimizer.kwargs")

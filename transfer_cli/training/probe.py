@@ -252,7 +252,9 @@ def _fit_probe(
     # at 50 than at scipy's 10 on 1280-d features), few on huge ones.
     history = int(min(50, max(5, _HISTORY_FLOATS // (2 * W.numel()))))
     scores, losses, iterations, converged = [], [], [], []
-    best, best_score, best_loss, stale, last = (math.inf, 0, None), -math.inf, math.inf, 0, None
+    # (what chose, its index in the grid, its solution): no solution until a strength's choice is finite
+    best: tuple[float, int, Optional[tuple[torch.Tensor, torch.Tensor]]] = (math.inf, 0, None)
+    best_score, best_loss, stale, last = -math.inf, math.inf, 0, None
     for i, lam in enumerate(grid):
         if last is not None:
             # Start from the straight line through the last two solutions: the path W(log lam) is smooth, so
@@ -299,6 +301,7 @@ def _fit_probe(
             break
 
     _, chosen, solution = best
+    assert solution is not None, f"no strength of {grid} gave a finite validation loss or score"
     W_best, b_best = full(*solution)
     # Folded in float64 on the CPU (every backend has it there): b' = b - W' @ mean cancels large terms.
     w64 = W_best.detach().cpu().double() / std.cpu().double()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -39,12 +40,14 @@ def fit_probe_on_train(train_x: torch.Tensor, train_y: torch.Tensor, *, num_clas
     training rows, then refitted on all of them at the strength scaled by rows fitted / all rows, which keeps the
     penalty per sample where it was chosen (scikit-learn's LogisticRegressionCV refit keeps C, the same thing).
     `kwargs`: fit_probe's other options."""
-    labels = ([tuple(torch.nonzero(row >= 0.5).flatten().tolist()) for row in train_y] if multilabel
-              else train_y.tolist())
-    fit_rows, held = (multilabel_split if multilabel else stratified_split)(labels, [1 - holdout, holdout], seed)
-    if not fit_rows or not held:
+    if multilabel:
+        label_sets = [tuple(torch.nonzero(row >= 0.5).flatten().tolist()) for row in train_y]
+        fit_list, held_list = multilabel_split(label_sets, [1 - holdout, holdout], seed)
+    else:
+        fit_list, held_list = stratified_split(train_y.tolist(), [1 - holdout, holdout], seed)
+    if not fit_list or not held_list:
         raise ValueError(f"{len(train_y)} training rows are too few to hold out {holdout:.0%} to choose a strength")
-    fit_rows, held = torch.as_tensor(fit_rows), torch.as_tensor(held)
+    fit_rows, held = torch.as_tensor(fit_list), torch.as_tensor(held_list)
     common = dict(num_classes=num_classes, multilabel=multilabel, **kwargs)
     chooser = fit_probe(train_x[fit_rows], train_y[fit_rows], train_x[held], train_y[held], **common)
     common.pop("strengths", None)
@@ -61,12 +64,12 @@ def fit_probe_on_splits(tensors: Dict[str, TensorDataset], *, num_classes: int, 
     """The probe of a run's features: the strength chosen on val, or without one on a holdout of train.
     `standardize`: see training/probe.py fit_probe (False for a head that fine-tuning starts from)."""
     train, val = tensors["train"].tensors, tensors.get("val")
-    options = dict(num_classes=num_classes, multilabel=multilabel, class_weights=class_weights, device=device,
-                   standardize=standardize)
     try:
         if val is not None and len(val.tensors[1]):
-            return fit_probe(*train, *val.tensors, **options)
-        return fit_probe_on_train(*train, seed=seed, **options)
+            return fit_probe(*train, *val.tensors, num_classes=num_classes, multilabel=multilabel,
+                             class_weights=class_weights, device=device, standardize=standardize)
+        return fit_probe_on_train(*train, seed=seed, num_classes=num_classes, multilabel=multilabel,
+                                  class_weights=class_weights, device=device, standardize=standardize)
     except ValueError as e:
         raise TransferError(f"the linear probe could not be fitted: {e}",
                             "check the data splits, or train the head by steps: transfer.head_solver=sgd "
@@ -105,6 +108,7 @@ class ProbeFit(pl.Callback):
         result = fit_probe_on_splits(self.features(), num_classes=self.num_classes, multilabel=self.multilabel,
                                      class_weights=self.class_weights, device=trainer.strategy.root_device,
                                      seed=self.seed, standardize=self.purpose == "solver")
+        assert isinstance(pl_module, TransferModule)  # ProbeFit is a callback of TransferModule runs only
         load_probe(pl_module.model.head, result.linear)
         self.result = result
         log.info("head %s: linear probe with L2 strength %.3g chosen on %s (%s %.4f there), %d L-BFGS iterations "
@@ -121,7 +125,9 @@ class SolvedHead(torch.optim.Optimizer):
     def __init__(self, params: Any):
         super().__init__([{"params": list(params), "name": "head"}], {"lr": 0.0, "weight_decay": 0.0})
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> None:
+    # torch types step(closure) as returning the closure's loss; this step changes nothing, so it never calls the
+    # closure and has no loss to return.
+    def step(self, closure: Optional[Callable[[], float]] = None) -> None:  # type: ignore[override]
         return None
 
 
@@ -137,7 +143,9 @@ class ProbeModule(TransferModule):
         with torch.no_grad():
             self._shared_step(batch, "train")
         if batch_idx == 0:
-            self.optimizers().step()
+            optimizer = self.optimizers()
+            assert isinstance(optimizer, LightningOptimizer)  # configure_optimizers returns one optimizer
+            optimizer.step()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return SolvedHead(self.model.head.parameters())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal, cast
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
@@ -153,7 +153,7 @@ class WarmupThenHold(LambdaLR):
     def state_dict(self) -> dict:  # plain data only: the config and run length come from the run, not the file
         return {k: v for k, v in super().state_dict().items() if k not in ("sched_cfg", "run")}
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:  # torch's type: a group's LR may be a tensor
         # From the first whole step at or past the warmup the factor is 1; after that one, hold.
         if self.last_epoch > math.ceil(self.warmup):
             return [group["lr"] for group in self.optimizer.param_groups]
@@ -169,8 +169,9 @@ class PlateauAfterWarmup(ReduceLROnPlateau):
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup: WarmupThenHold, sched_cfg: Any, mode: str):
         # The floor is relative to each group's configured LR (the warmup's base), not to its warmup start.
-        super().__init__(optimizer, mode=mode, factor=sched_cfg.gamma, patience=sched_cfg.patience,
-                         min_lr=[lr * sched_cfg.min_lr_factor for lr in warmup.base_lrs])
+        # cast, not a check: the config schema admits only these two, and torch rejects any other value itself.
+        super().__init__(optimizer, mode=cast(Literal["min", "max"], mode), factor=sched_cfg.gamma,
+                         patience=sched_cfg.patience, min_lr=[lr * sched_cfg.min_lr_factor for lr in warmup.base_lrs])
         self.warmup = warmup
 
     def step(self, metrics: Any, epoch: int | None = None) -> None:  # type: ignore[override]
