@@ -40,6 +40,8 @@ def test_own_data_without_an_experiment_starts_from_the_recipe_of_its_mode():
     assert (cfg.augmentation.name, cfg.augmentation.label_smoothing) == ("light", 0.1)
     assert (cfg.data.batch_size, cfg.optimizer.lr, cfg.scheduler.warmup_epochs) == (32, 1e-3, 1)
     assert cfg.transfer.backbone_lr_scale == 0.1  # configs/transfer/fine_tune.yaml, under the recipe
+    # LP-FT with every BatchNorm on the pretrained statistics the probe saw (README: Fine-tuning against the probe)
+    assert (cfg.transfer.head_init, cfg.transfer.bn) == ("probe", "eval")
     probe = compose(["data.root=/data/flowers"])  # the default mode, feature_extract: a probe on cached features
     assert probe.name == "resnet50_feature_extract" and probe.augmentation.name == "none"
     assert probe.transfer.head_solver == "auto" and probe.data.test_fraction > 0
