@@ -107,6 +107,19 @@ def test_resume_refuses_the_logger_group_and_names_the_key(mlflow_run):
     assert "logger.mlflow=true" in err.value.fix
 
 
+def _records(path, marker: bytes, seconds: float = 30.0) -> bytes:
+    """The offline record file once it holds `marker`: wandb-core, a process of its own, writes it, and on a loaded
+    machine its last bytes have been seen to land after finish() returned (only the 7-byte header was there)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        records = path.read_bytes()
+        if marker in records or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_and_its_resume_keep_one_run_id(tmp_path, tiny_imagefolder, monkeypatch):
     pytest.importorskip("wandb")
@@ -117,7 +130,7 @@ def test_wandb_offline_run_and_its_resume_keep_one_run_id(tmp_path, tiny_imagefo
     sessions = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(sessions) == 2 and all(s.name.endswith(f"-{run_id}") for s in sessions)  # one run, two sessions
     for session in sessions:  # W&B's offline record stream (binary; wandb has no offline reader): what it holds
-        records = (session / f"run-{run_id}.wandb").read_bytes()
+        records = _records(session / f"run-{run_id}.wandb", b"val/acc")
         assert b"val/acc" in records and b"optimizer.lr" in records  # the metrics and the config as params
         assert f"model-{run_id}".encode() in records  # logger.log_model: the checkpoint as a model artifact
     files = sessions[-1] / "files"
