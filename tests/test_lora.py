@@ -14,6 +14,7 @@ from transfer_cli.config.resolve import resolve_run
 from transfer_cli.errors import TransferError
 from transfer_cli.models.adapters import is_adapter_param
 from transfer_cli.train import train
+from transfer_cli.training.audit import adapted_layers
 
 LORA = ("transfer=lora", "transfer.lora_rank=4", "trainer.max_epochs=2", "optimizer.lr=1e-2")
 
@@ -97,7 +98,7 @@ def test_conv_backbones_adapt_their_ungrouped_convolutions_and_keep_batchnorm_fr
     run = build_run(cfg, Path(cfg.paths.output_dir))
     run.module.freeze.apply(run.model, 0)
     modules = dict(run.model.backbone.named_modules())
-    adapted = {n.split(".lora_")[0] for n, _ in run.model.backbone.named_parameters() if is_adapter_param(n)}
+    adapted = set(adapted_layers(run.model.backbone))
     assert adapted and all(modules[n].base_layer.groups == 1 for n in adapted)
     assert any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in modules.values())  # depthwise: untouched
     trainable = {n for n, p in run.model.backbone.named_parameters() if p.requires_grad}
@@ -111,7 +112,7 @@ def test_targets_are_chosen_by_regex_and_a_regex_that_matches_nothing_names_the_
     cfg = resolve_run(tiny_cfg(tmp_path, tiny_imagefolder, "transfer=lora", "transfer.lora_targets=[attn.qkv]",
                                backbone="test_vit"))
     run = build_run(cfg, Path(cfg.paths.output_dir))
-    adapted = {n.split(".lora_")[0] for n, _ in run.model.backbone.named_parameters() if is_adapter_param(n)}
+    adapted = set(adapted_layers(run.model.backbone))
     assert adapted and all(n.endswith("attn.qkv") for n in adapted)
     cfg = resolve_run(tiny_cfg(tmp_path, tiny_imagefolder, "transfer=lora", "transfer.lora_targets=[nothing_here]",
                                backbone="test_vit", run="run2"))
